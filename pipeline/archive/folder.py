@@ -1,0 +1,138 @@
+"""A folder archive: any tree of DICOM files with any file names.
+
+Non-DICOM files, DICOMDIR and vendor index files (which are Media Storage Directory
+objects) are skipped with a log line.  Results are written under
+``<root>/ctscreen/<StudyInstanceUID>/`` atomically: a temporary file in the same folder,
+flushed and fsynced, then renamed over the final name, so a reader never sees half a file
+and a re-run replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ..artefacts import OutputRef
+from ..errors import ArchiveError, NotAnalysable
+
+log = logging.getLogger(__name__)
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+RESULTS_DIR = "ctscreen"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# A header read never loads values larger than this: pixel data stays on disk.
+_DEFER = 4096
+# pydicom raises these on a file that is not (valid) DICOM.
+READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
+               AttributeError, IndexError, OverflowError)
+
+
+class FolderArchive:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ArchiveError(f"archive folder {self.root} does not exist or is not a folder")
+
+    @property
+    def name(self) -> str:
+        return f"folder:{self.root.name}"
+
+    def headers(self) -> Iterator[tuple[Dataset, str]]:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                path = Path(dirpath) / fn
+                if fn.startswith(".ctscreen-tmp"):
+                    continue
+                ds = self._read_header(path)
+                if ds is not None:
+                    yield ds, str(path)
+
+    def _read_header(self, path: Path) -> Dataset | None:
+        rel = path.relative_to(self.root)
+        try:
+            ds = pydicom.dcmread(path, defer_size=_DEFER)
+        except READ_ERRORS as e:
+            log.info("skipped %s: not a readable DICOM file (%s)", rel, type(e).__name__)
+            return None
+        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+            log.info("skipped %s: DICOMDIR / vendor index file", rel)
+            return None
+        return ds
+
+    def load(self, locators: Sequence[str]) -> list[Dataset]:
+        out = []
+        for loc in locators:
+            try:
+                out.append(pydicom.dcmread(loc))
+            except READ_ERRORS as e:
+                raise NotAnalysable(
+                    "unreadable-instance",
+                    f"{Path(loc).name} could not be read whole ({type(e).__name__}: {e})",
+                ) from e
+        return out
+
+    def result_path(self, ds: Dataset) -> Path:
+        """Where a result object lives: only UID-shaped names, never outside the root."""
+        study = _safe_uid(str(ds.StudyInstanceUID))
+        sop = _safe_uid(str(ds.SOPInstanceUID))
+        path = (self.root / RESULTS_DIR / study / f"{sop}.dcm").resolve()
+        if self.root not in path.parents:
+            raise ArchiveError(f"refused to write outside the archive: {path}")
+        return path
+
+    def store(self, ds: Dataset) -> str:
+        path = self.result_path(ds)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ctscreen-tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return str(path)
+
+    def remove(self, ref: OutputRef) -> None:
+        """Delete a result object this program wrote earlier (only under ctscreen/)."""
+        path = Path(ref.locator).resolve()
+        if (self.root / RESULTS_DIR) not in path.parents:
+            raise ArchiveError(f"refused to remove {path}: not a ctscreen result of this archive")
+        path.unlink(missing_ok=True)
+
+    def contains(self, study_uid: str, sop_instance_uid: str) -> bool:
+        path = self.root / RESULTS_DIR / _safe_uid(study_uid) / f"{_safe_uid(sop_instance_uid)}.dcm"
+        if not path.is_file():
+            return False
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except READ_ERRORS:
+            return False
+        return str(ds.SOPInstanceUID) == sop_instance_uid
+
+
+def _safe_uid(uid: str) -> str:
+    if not _UID_RE.match(uid) or len(uid) > 64:
+        raise ArchiveError(f"expected a DICOM UID (digits and dots, at most 64), got {uid[:80]!r}")
+    return uid
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

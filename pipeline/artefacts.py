@@ -1,0 +1,320 @@
+"""The typed, immutable objects that cross stage boundaries.
+
+Geometry convention (the only one in this package): DICOM patient coordinates, LPS,
+in millimetres.  A ``Volume`` array is indexed ``[k, r, c]`` = (slice, row, column);
+its ``affine`` maps the homogeneous index ``(k, r, c, 1)`` to LPS.  Stages never flip or
+permute arrays to "make them look right": sides and positions are computed in LPS.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# ---------------------------------------------------------------- archive headers
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What selection needs to know about one stored instance, read from headers only.
+
+    ``locator`` says where the archive keeps it (a file path for a folder archive).
+    Patient names and IDs are deliberately absent: they never travel through the pipeline
+    except inside the source datasets that the report copies from.
+    """
+
+    locator: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str = ""
+    modality: str = ""
+    image_type: tuple[str, ...] = ()
+    series_number: int | None = None
+    instance_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    convolution_kernel: str = ""
+    slice_thickness: float | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    image_orientation: tuple[float, float, float, float, float, float] | None = None
+    image_position: tuple[float, float, float] | None = None
+    rows: int | None = None
+    columns: int | None = None
+    gantry_tilt: float | None = None
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    has_pixel_data: bool = False
+    number_of_frames: int = 1
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    study_uid: str
+    series_uid: str
+    instances: tuple[InstanceHeader, ...]
+
+    @property
+    def first(self) -> InstanceHeader:
+        return self.instances[0]
+
+    @property
+    def modality(self) -> str:
+        return self.first.modality
+
+    @property
+    def description(self) -> str:
+        return self.first.series_description
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """One study as found in the archive.  ``uid_valid`` is False where the instances
+    carried no StudyInstanceUID and ``study_uid`` is a placeholder key made by ingest."""
+
+    study_uid: str
+    series: tuple[SeriesRef, ...]
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    uid_valid: bool = True
+
+    @property
+    def n_instances(self) -> int:
+        return sum(len(s.instances) for s in self.series)
+
+
+@dataclass(frozen=True)
+class SeriesDecision:
+    """Selection's verdict on one series: chosen, or the coded reasons it was not."""
+
+    series_uid: str
+    description: str
+    n_instances: int
+    reasons: tuple[str, ...]
+    rank_key: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The series to analyse (or None) and the verdict on every series of the study."""
+
+    study_uid: str
+    chosen: SeriesRef | None
+    decisions: tuple[SeriesDecision, ...]
+    reasons: tuple[str, ...] = ()  # study-level reasons where nothing was chosen
+
+
+# ---------------------------------------------------------------- volumes
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """Voxels with their geometry.  ``array[k, r, c]``; ``affine @ (k, r, c, 1)`` = LPS mm."""
+
+    array: npt.NDArray[Any]
+    affine: npt.NDArray[np.float64]
+    frame_of_reference_uid: str = ""
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume needs a 3-D array, got shape {self.array.shape}")
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"Volume needs a 4x4 affine, got {self.affine.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        k, r, c = self.array.shape
+        return (int(k), int(r), int(c))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along (k, r, c) in mm."""
+        n = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(n[0]), float(n[1]), float(n[2]))
+
+    @property
+    def direction(self) -> npt.NDArray[np.float64]:
+        """3x3, columns = unit LPS vectors of the k, r and c axes."""
+        return np.asarray(self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def origin(self) -> npt.NDArray[np.float64]:
+        """LPS position of voxel (0, 0, 0)."""
+        return np.asarray(self.affine[:3, 3])
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])) / 1000.0)
+
+    def index_to_lps(self, kji: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """(N, 3) voxel indices (k, r, c) -> (N, 3) LPS mm."""
+        idx = np.atleast_2d(np.asarray(kji, dtype=np.float64))
+        return np.asarray(idx @ self.affine[:3, :3].T + self.affine[:3, 3])
+
+    def lps_to_index(self, xyz: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """(N, 3) LPS mm -> (N, 3) fractional voxel indices (k, r, c)."""
+        pts = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
+        inv = np.linalg.inv(self.affine)
+        return np.asarray(pts @ inv[:3, :3].T + inv[:3, 3])
+
+    def lps_grid(self, axis: int) -> npt.NDArray[np.float64]:
+        """LPS coordinate ``axis`` (0=x/L, 1=y/P, 2=z/S) of every voxel, same shape as array."""
+        k, r, c = (np.arange(n, dtype=np.float64) for n in self.shape)
+        a = self.affine[axis]
+        return np.asarray(
+            a[0] * k[:, None, None] + a[1] * r[None, :, None] + a[2] * c[None, None, :] + a[3]
+        )
+
+    def with_array(self, array: npt.NDArray[Any]) -> Volume:
+        """A volume on the same grid holding ``array`` (a mask, a probability map...)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"shape {array.shape} does not match the grid {self.array.shape}")
+        return Volume(array, self.affine, self.frame_of_reference_uid)
+
+
+# ---------------------------------------------------------------- lungs and lesions
+
+
+class Side(enum.StrEnum):
+    RIGHT = "right"
+    LEFT = "left"
+
+
+class Zone(enum.StrEnum):
+    """Craniocaudal thirds of one lung (by its own superior-inferior extent)."""
+
+    UPPER = "upper"
+    MIDDLE = "middle"
+    LOWER = "lower"
+
+
+class LesionKind(enum.StrEnum):
+    GGO = "ground-glass opacity"
+    CONSOLIDATION = "consolidation"
+
+
+class Pattern(enum.StrEnum):
+    """The study-level qualitative finding: COVID-19 pneumonia pattern."""
+
+    PRESENT = "present"
+    INDETERMINATE = "indeterminate"
+    ABSENT = "absent"
+
+
+# Label values, fixed across the package, the SEG and the models.
+LUNG_LABELS = {Side.RIGHT: 1, Side.LEFT: 2}
+LESION_LABELS = {LesionKind.GGO: 1, LesionKind.CONSOLIDATION: 2}
+
+
+@dataclass(frozen=True, eq=False)
+class LungMasks:
+    """``labels``: uint8 on the CT grid, 0 outside, 1 right lung, 2 left lung (LUNG_LABELS)."""
+
+    labels: Volume
+    method: str
+
+    def mask(self, side: Side | None = None) -> npt.NDArray[np.bool_]:
+        a = self.labels.array
+        return np.asarray(a > 0) if side is None else np.asarray(a == LUNG_LABELS[side])
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One connected lesion of one kind, ranked by volume (index 1 = largest)."""
+
+    index: int
+    kind: LesionKind
+    volume_ml: float
+    side: Side
+    zone: Zone
+    mean_hu: float
+    centroid_lps: tuple[float, float, float]
+    bbox_min_lps: tuple[float, float, float]
+    bbox_max_lps: tuple[float, float, float]
+    voxel_count: int
+
+
+@dataclass(frozen=True)
+class ZoneFigure:
+    side: Side
+    zone: Zone
+    lung_ml: float
+    involved_ml: float
+    involved_pct: float
+    score: int  # 0..5 on the severity scale
+
+
+@dataclass(frozen=True)
+class LungFigure:
+    side: Side
+    volume_ml: float
+    ggo_ml: float
+    consolidation_ml: float
+    involved_pct: float
+
+
+@dataclass(frozen=True, eq=False)
+class LesionAnalysis:
+    """What the lesion stage found.  ``labels``: uint8 on the CT grid, LESION_LABELS."""
+
+    labels: Volume
+    findings: tuple[Finding, ...]
+    lungs: tuple[LungFigure, ...]  # (right, left)
+    zones: tuple[ZoneFigure, ...]  # six: right/left x upper/middle/lower
+    involved_pct: float  # both lungs together
+    severity_score: int
+    severity_max: int
+    severity_scale: str
+    suspicion: float  # 0..1, used to rank the worklist
+    pattern: Pattern
+    detector: str  # name and version of the detector that produced it
+    n_findings_total: int = 0  # before the report cap; findings may list fewer
+
+
+# ---------------------------------------------------------------- results
+
+
+class Status(enum.StrEnum):
+    ANALYSED = "analysed"
+    NOT_ANALYSED = "not-analysed"
+    FAILED = "failed"  # an unexpected error: a defect, reported as such, never as negative
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    kind: str  # "sr", "seg", "sc"
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    locator: str = ""
+
+
+@dataclass(frozen=True)
+class ScreeningResult:
+    """The outcome for one study: what the worklist stores and shows."""
+
+    study_uid: str
+    accession_number: str
+    study_date: str
+    status: Status
+    reasons: tuple[str, ...] = ()
+    series_uid: str = ""
+    series_description: str = ""
+    n_slices: int = 0
+    lung_volume_ml: tuple[float, float] | None = None  # (right, left)
+    involved_pct: float | None = None
+    severity_score: int | None = None
+    severity_max: int | None = None
+    suspicion: float | None = None
+    pattern: Pattern | None = None
+    n_findings: int = 0
+    outputs: tuple[OutputRef, ...] = ()
+    algorithm_version: str = ""
+    timings_s: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,165 @@
+"""Every setting, as frozen dataclasses, loaded from YAML with unknown keys refused.
+
+The defaults here *are* the embedded default configuration; ``configs/default.yaml``
+spells out the same values (a test keeps the two equal).  A site's file only needs the
+keys it changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Rules that pick the series to analyse (all data, no code)."""
+
+    sop_classes: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.2",)  # CT Image Storage
+    modalities: tuple[str, ...] = ("CT",)
+    required_image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")
+    excluded_image_type: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM")
+    max_slice_thickness_mm: float = 1.5
+    axial_tolerance_deg: float = 15.0
+    min_slices: int = 40
+    min_coverage_mm: float = 150.0
+    # BodyPartExamined values that mean "not a chest"; an empty or unlisted value passes
+    # and the lung stage decides (it refuses a series without lungs).
+    non_chest_body_parts: tuple[str, ...] = (
+        "HEAD", "BRAIN", "SKULL", "NECK", "ABDOMEN", "PELVIS", "HIP", "KNEE", "LEG",
+        "ANKLE", "FOOT", "ARM", "ELBOW", "HAND", "WRIST", "SHOULDER", "EXTREMITY",
+        "CSPINE", "LSPINE", "HEART",
+    )
+    # Regular expressions matched against ConvolutionKernel; a series whose kernel matches
+    # an earlier pattern is preferred (lung / sharp kernels first).
+    preferred_kernels: tuple[str, ...] = (
+        r"(?i)lung", r"^(?i:B[l]?[6-8]\d|Br[5-9]\d|Bl\d\d|I[57]0)", r"^(?i:FC5\d|FC8\d)",
+        r"^(?i:YA|YB|YC|L|LUNG)$", r"^(?i:D|E|C)$",
+    )
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    gap_tolerance_mm: float = 0.1  # a step may exceed the median by max(this, fraction)
+    gap_tolerance_fraction: float = 0.05
+    max_tilt_deg: float = 0.5  # slice stack vs. slice normal; more is refused (gantry tilt)
+    hu_min: int = -1024  # padding outside the reconstruction circle is set to this
+    hu_max: int = 3071
+
+
+@dataclass(frozen=True)
+class LungsConfig:
+    method: str = "classical"
+    min_lung_volume_ml: float = 500.0  # less, both lungs together: "no-lungs-found"
+
+
+@dataclass(frozen=True)
+class LesionsConfig:
+    detector: str = "density"
+    max_reported_findings: int = 20  # the largest N are reported one by one
+    # Study-level pattern: involvement of both lungs together, in percent.
+    present_min_pct: float = 1.0
+    indeterminate_min_pct: float = 0.1
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    key_images: int = 3
+    window_center: float = -600.0
+    window_width: float = 1500.0
+    manufacturer: str = "ctscreen project"
+    institution_name: str = ""
+
+
+@dataclass(frozen=True)
+class WorklistConfig:
+    # SQLite file; empty means "<archive>.ctscreen.sqlite" beside the archive folder.
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
+    lungs: LungsConfig = field(default_factory=LungsConfig)
+    lesions: LesionsConfig = field(default_factory=LesionsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    worklist: WorklistConfig = field(default_factory=WorklistConfig)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """The embedded defaults, overridden by the YAML file at ``path`` where given."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from e
+    if raw is None:
+        raw = {}
+    return from_mapping(Config, raw, where=p.name)
+
+
+def from_mapping(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return typing.cast(T, cls(**kwargs))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(typing.cast(type, tp), value, where)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {tp!r}")

@@ -1,0 +1,38 @@
+"""One base error and a few subclasses; every refusal carries a short coded reason.
+
+A reason code is a short lower-case slug, optionally followed by ``:detail``
+(``slice-too-thick:5.0mm``, ``missing-slices:gap=3.0mm``).  Codes reach the worklist
+verbatim as "not analysed: <code>", so they are part of the user interface: keep them
+stable and list every new one in README.md.
+"""
+
+from __future__ import annotations
+
+
+class CtscreenError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(CtscreenError):
+    """A configuration file is missing, malformed or holds an unknown key."""
+
+
+class NotAnalysable(CtscreenError):
+    """Input that cannot be analysed; carries one coded reason (and a human sentence).
+
+    Raised by the pure stages (selection, volume, lungs, lesions) and turned into a
+    "not analysed" worklist row by ``run.py``.  Never means "negative".
+    """
+
+    def __init__(self, code: str, message: str = "") -> None:
+        self.code = code
+        self.message = message or code
+        super().__init__(f"{code}: {self.message}" if message else code)
+
+
+class ArchiveError(CtscreenError):
+    """The archive could not be read or written (I/O, network, refused store)."""
+
+
+class ModelError(CtscreenError):
+    """A model file is missing, its hash does not match its model.yaml, or it will not load."""

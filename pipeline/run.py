@@ -1,0 +1,115 @@
+"""run_study(): the stages in order, nothing else.
+
+    archive -> selection -> volume -> lungs -> lesions -> report -> writeback -> archive
+
+Each stage is a function of its inputs; a stage that cannot go on raises
+``NotAnalysable`` with a coded reason, which becomes a "not analysed" result here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+from . import ALGORITHM_NAME, __version__
+from .archive import Archive
+from .artefacts import ScreeningResult, Status, StudyRef
+from .config import Config
+from .errors import NotAnalysable
+from .lesions import LesionDetector, analyse, detector_for
+from .lungs import LungSegmenter, segmenter_for
+from .report import build_report
+from .selection import select_series
+from .volume import build_volume
+from .writeback import write_back
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The configured stages, built once per process (models stay loaded across studies)."""
+
+    config: Config
+    lungs: LungSegmenter
+    lesions: LesionDetector
+
+    @property
+    def algorithm_version(self) -> str:
+        return f"{__version__}+{self.lesions.name}-{self.lesions.version}"
+
+    @classmethod
+    def load(cls, config: Config) -> Stages:
+        return cls(config, segmenter_for(config.lungs), detector_for(config.lesions))
+
+
+def run_study(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningResult:
+    """Screen one study and write its results back; never raises NotAnalysable."""
+    cfg = stages.config
+    timings: dict[str, float] = {}
+    base = ScreeningResult(
+        study_uid=study.study_uid,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        status=Status.NOT_ANALYSED,
+        algorithm_version=stages.algorithm_version,
+        timings_s=timings,
+    )
+    selection = select_series(study, cfg.selection)
+    series = selection.chosen
+    if series is None:
+        return replace(base, reasons=selection.reasons)
+    base = replace(
+        base,
+        series_uid=series.series_uid,
+        series_description=series.description,
+        n_slices=len(series.instances),
+    )
+    try:
+        with _timed(timings, "read"):
+            datasets = archive.load([h.locator for h in series.instances])
+        with _timed(timings, "volume"):
+            ct, sources = build_volume(datasets, cfg.volume)
+        with _timed(timings, "lungs"):
+            lungs = stages.lungs(ct)
+        with _timed(timings, "lesions"):
+            labels = stages.lesions(ct, lungs)
+            analysis = analyse(ct, lungs, labels, cfg.lesions, stages.lesions.name)
+    except NotAnalysable as e:
+        log.info("study %s not analysed: %s", study.study_uid, e)
+        return replace(base, reasons=(e.code,))
+    with _timed(timings, "report"):
+        objects = build_report(
+            ct, sources, lungs, analysis, cfg.report,
+            algorithm_name=ALGORITHM_NAME, algorithm_version=stages.algorithm_version,
+        )
+    with _timed(timings, "writeback"):
+        outputs = write_back(
+            archive,
+            [("seg", objects.seg), ("sr", objects.sr)] + [("sc", d) for d in objects.key_images],
+        )
+    right, left = analysis.lungs
+    return replace(
+        base,
+        status=Status.ANALYSED,
+        lung_volume_ml=(right.volume_ml, left.volume_ml),
+        involved_pct=analysis.involved_pct,
+        severity_score=analysis.severity_score,
+        severity_max=analysis.severity_max,
+        suspicion=analysis.suspicion,
+        pattern=analysis.pattern,
+        n_findings=analysis.n_findings_total,
+        outputs=outputs,
+    )
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - t0, 3)

@@ -1,0 +1,228 @@
+"""The triage worklist: one row per study, persisted in SQLite, ranked for reading.
+
+Ranking (most urgent first):
+  1. pattern present, by suspicion score (highest first)
+  2. pattern indeterminate, by suspicion score
+  3. not analysed or failed: a human must read these; they are never shown as negative
+  4. pattern absent, by suspicion score
+Within a group, older studies first (they have waited longest).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .artefacts import OutputRef, Pattern, ScreeningResult, Status
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    accession_number TEXT NOT NULL DEFAULT '',
+    study_date TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    reasons TEXT NOT NULL DEFAULT '[]',
+    series_uid TEXT NOT NULL DEFAULT '',
+    series_description TEXT NOT NULL DEFAULT '',
+    n_slices INTEGER NOT NULL DEFAULT 0,
+    lung_right_ml REAL,
+    lung_left_ml REAL,
+    involved_pct REAL,
+    severity_score INTEGER,
+    severity_max INTEGER,
+    suspicion REAL,
+    pattern TEXT,
+    n_findings INTEGER NOT NULL DEFAULT 0,
+    outputs TEXT NOT NULL DEFAULT '[]',
+    algorithm_version TEXT NOT NULL DEFAULT '',
+    fingerprint TEXT NOT NULL DEFAULT '',
+    timings TEXT NOT NULL DEFAULT '{}',
+    first_seen TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+"""
+
+_GROUP = {Pattern.PRESENT.value: 0, Pattern.INDETERMINATE.value: 1, Pattern.ABSENT.value: 3}
+_FLAG = {Pattern.PRESENT.value: "FLAG", Pattern.INDETERMINATE.value: "review",
+         Pattern.ABSENT.value: "-"}
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    rank: int
+    study_uid: str
+    accession_number: str
+    study_date: str
+    status: str
+    flag: str
+    reasons: list[str]
+    suspicion: float | None
+    pattern: str | None
+    involved_pct: float | None
+    severity_score: int | None
+    severity_max: int | None
+    lung_right_ml: float | None
+    lung_left_ml: float | None
+    n_findings: int
+    series_uid: str
+    series_description: str
+    algorithm_version: str
+    result_uids: dict[str, list[str]]
+    updated_at: str
+
+    @property
+    def status_text(self) -> str:
+        if self.status == Status.ANALYSED.value:
+            return "analysed"
+        return f"not analysed: {', '.join(self.reasons) or 'unknown'}"
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status_text"] = self.status_text
+        return d
+
+
+class Worklist:
+    """SQLite-backed worklist.  One connection per process; WAL so readers never block."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._db:
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Worklist:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def done(self, study_uid: str, fingerprint: str) -> bool:
+        """Whether the study was screened (or refused) on exactly this input and setup."""
+        row = self._db.execute(
+            "SELECT fingerprint, status FROM studies WHERE study_uid = ?", (study_uid,)
+        ).fetchone()
+        return (
+            row is not None
+            and row["fingerprint"] == fingerprint
+            and row["status"] != Status.FAILED.value
+        )
+
+    def outputs(self, study_uid: str) -> list[OutputRef]:
+        """The result objects recorded for the study by its last run."""
+        row = self._db.execute(
+            "SELECT outputs FROM studies WHERE study_uid = ?", (study_uid,)
+        ).fetchone()
+        return [] if row is None else [OutputRef(**o) for o in json.loads(row["outputs"])]
+
+    def record(self, result: ScreeningResult, fingerprint: str) -> None:
+        """Insert or replace the study's row in one transaction."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        lungs = result.lung_volume_ml or (None, None)
+        with self._db:
+            self._db.execute(
+                """
+                INSERT INTO studies (study_uid, accession_number, study_date, status, reasons,
+                    series_uid, series_description, n_slices, lung_right_ml, lung_left_ml,
+                    involved_pct, severity_score, severity_max, suspicion, pattern, n_findings,
+                    outputs, algorithm_version, fingerprint, timings, first_seen, updated_at)
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                ON CONFLICT(study_uid) DO UPDATE SET
+                    accession_number=excluded.accession_number, study_date=excluded.study_date,
+                    status=excluded.status, reasons=excluded.reasons,
+                    series_uid=excluded.series_uid,
+                    series_description=excluded.series_description, n_slices=excluded.n_slices,
+                    lung_right_ml=excluded.lung_right_ml, lung_left_ml=excluded.lung_left_ml,
+                    involved_pct=excluded.involved_pct, severity_score=excluded.severity_score,
+                    severity_max=excluded.severity_max, suspicion=excluded.suspicion,
+                    pattern=excluded.pattern, n_findings=excluded.n_findings,
+                    outputs=excluded.outputs, algorithm_version=excluded.algorithm_version,
+                    fingerprint=excluded.fingerprint, timings=excluded.timings,
+                    updated_at=excluded.updated_at
+                """,
+                (
+                    result.study_uid, result.accession_number, result.study_date,
+                    result.status.value, json.dumps(list(result.reasons)), result.series_uid,
+                    result.series_description, result.n_slices, lungs[0], lungs[1],
+                    result.involved_pct, result.severity_score, result.severity_max,
+                    result.suspicion, result.pattern.value if result.pattern else None,
+                    result.n_findings, json.dumps([asdict(o) for o in result.outputs]),
+                    result.algorithm_version, fingerprint, json.dumps(result.timings_s),
+                    now, now,
+                ),
+            )
+
+    def rows(self) -> list[WorklistRow]:
+        """Every study, ranked most urgent first (see the module docstring)."""
+        raw = self._db.execute("SELECT * FROM studies").fetchall()
+
+        def key(r: sqlite3.Row) -> tuple[int, float, str, str]:
+            if r["status"] != Status.ANALYSED.value:
+                group = 2
+            else:
+                group = _GROUP.get(r["pattern"] or "", 2)
+            return (group, -(r["suspicion"] or 0.0), r["study_date"], r["study_uid"])
+
+        out = []
+        for i, r in enumerate(sorted(raw, key=key), start=1):
+            outputs = [OutputRef(**o) for o in json.loads(r["outputs"])]
+            uids: dict[str, list[str]] = {}
+            for o in outputs:
+                uids.setdefault(o.kind, []).append(o.sop_instance_uid)
+            analysed = r["status"] == Status.ANALYSED.value
+            out.append(
+                WorklistRow(
+                    rank=i,
+                    study_uid=r["study_uid"],
+                    accession_number=r["accession_number"],
+                    study_date=r["study_date"],
+                    status=r["status"],
+                    flag=_FLAG.get(r["pattern"] or "", "?") if analysed else "NOT ANALYSED",
+                    reasons=json.loads(r["reasons"]),
+                    suspicion=r["suspicion"],
+                    pattern=r["pattern"],
+                    involved_pct=r["involved_pct"],
+                    severity_score=r["severity_score"],
+                    severity_max=r["severity_max"],
+                    lung_right_ml=r["lung_right_ml"],
+                    lung_left_ml=r["lung_left_ml"],
+                    n_findings=r["n_findings"],
+                    series_uid=r["series_uid"],
+                    series_description=r["series_description"],
+                    algorithm_version=r["algorithm_version"],
+                    result_uids=uids,
+                    updated_at=r["updated_at"],
+                )
+            )
+        return out
+
+
+def format_table(rows: list[WorklistRow]) -> str:
+    """The worklist as a fixed-width table for a terminal."""
+    head = (f"{'#':>3}  {'flag':<12} {'score':>5}  {'involved':>8}  {'severity':>8}  "
+            f"{'lungs R/L (ml)':>14}  {'date':<8}  {'accession':<16} status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        score = f"{r.suspicion:.2f}" if r.suspicion is not None else "-"
+        inv = f"{r.involved_pct:.1f}%" if r.involved_pct is not None else "-"
+        sev = f"{r.severity_score}/{r.severity_max}" if r.severity_score is not None else "-"
+        lungs = (f"{r.lung_right_ml:.0f}/{r.lung_left_ml:.0f}"
+                 if r.lung_right_ml is not None and r.lung_left_ml is not None else "-")
+        lines.append(
+            f"{r.rank:>3}  {r.flag:<12} {score:>5}  {inv:>8}  {sev:>8}  {lungs:>14}  "
+            f"{r.study_date or '-':<8}  {(r.accession_number or '-')[:16]:<16} {r.status_text}"
+        )
+    if not rows:
+        lines.append("(no studies)")
+    return "\n".join(lines)

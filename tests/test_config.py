@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_equals_embedded_defaults() -> None:
+    assert load_config(REPO / "configs" / "default.yaml") == Config()
+
+
+def test_no_file_means_embedded_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+def test_partial_file_overrides_only_its_keys(tmp_path: Path) -> None:
+    p = tmp_path / "site.yaml"
+    p.write_text("selection:\n  max_slice_thickness_mm: 2.0\n")
+    cfg = load_config(p)
+    assert cfg.selection.max_slice_thickness_mm == 2.0
+    assert cfg.selection.min_slices == Config().selection.min_slices
+    assert cfg.lungs == Config().lungs
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("selection:\n  max_slice_thicknes_mm: 2.0\n", "unknown key"),
+        ("bogus: 1\n", "unknown key"),
+        ("selection:\n  max_slice_thickness_mm: thin\n", "expected a number"),
+        ("selection:\n  modalities: CT\n", "expected a list"),
+        ("selection: [1, 2]\n", "expected a mapping"),
+        ("selection: {\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_are_refused_with_a_reason(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
