@@ -73,12 +73,19 @@ class FolderArchive:
         out = []
         for loc in locators:
             try:
-                out.append(pydicom.dcmread(loc))
+                ds = pydicom.dcmread(loc)
             except READ_ERRORS as e:
                 raise NotAnalysable(
                     "unreadable-instance",
                     f"{Path(loc).name} could not be read whole ({type(e).__name__}: {e})",
                 ) from e
+            # pydicom returns what it parsed of a file cut short inside its header: a
+            # dataset without pixel data where the header promised some is a cut file.
+            if "PixelData" not in ds:
+                raise NotAnalysable(
+                    "truncated-file", f"{Path(loc).name} ends before its pixel data"
+                )
+            out.append(ds)
         return out
 
     def result_path(self, ds: Dataset) -> Path:
