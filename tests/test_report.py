@@ -1,0 +1,610 @@
+"""report.py: SEG / SR / key images from a real small CT series and synthetic results.
+
+The CT is the 64x64x79 COPDGene series in ../shared/data (skipped where absent); lungs and
+lesions are boxes placed in patient coordinates, findings are made by hand.  Every object is
+written to a temporary file and checked with dciodvfy (skipped where dicom3tools is absent).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID
+
+from pipeline.artefacts import (
+    LESION_LABELS,
+    LUNG_LABELS,
+    Finding,
+    LesionAnalysis,
+    LesionKind,
+    LungFigure,
+    LungMasks,
+    Pattern,
+    Side,
+    Volume,
+    Zone,
+    ZoneFigure,
+)
+from pipeline.config import ReportConfig, VolumeConfig
+from pipeline.report import (
+    COVID_19,
+    EXTENT,
+    KIND_CODES,
+    SEGMENT_NUMBERS,
+    VOLUME,
+    ReportObjects,
+    build_report,
+    choose_key_slices,
+    image_edge_labels,
+    output_uid,
+    patient_direction_letter,
+    render_key_image,
+)
+from pipeline.volume import build_volume, stack_geometry
+
+SMALL_SERIES = "chest-ct/cip-copdgene-10002k-64/ct-64Dicom"
+BIG_SERIES = "chest-ct/lidc-idri-0314"
+NAME, VERSION = "ctscreen-test", "0.1.0+density-1"
+CREATED = datetime.datetime(2024, 1, 2, 3, 4, 5)
+YELLOW = (255, 230, 0)
+
+
+# ---------------------------------------------------------------- pure helpers (no data)
+
+
+def test_output_uid_is_deterministic_and_distinct() -> None:
+    a = output_uid("1.2.3", "1.0", "seg-series")
+    assert a == output_uid("1.2.3", "1.0", "seg-series")
+    assert a.startswith("2.25.") and UID(a).is_valid
+    others = {
+        output_uid("1.2.3", "1.1", "seg-series"),
+        output_uid("1.2.4", "1.0", "seg-series"),
+        output_uid("1.2.3", "1.0", "sr-series"),
+        output_uid("1.2.3", "1.0", "seg-series", 1),
+    }
+    assert a not in others and len(others) == 4
+
+
+@pytest.mark.parametrize(
+    ("iop", "left", "right", "top", "bottom"),
+    [
+        ([1, 0, 0, 0, 1, 0], "R", "L", "A", "P"),  # supine axial, the usual display
+        ([-1, 0, 0, 0, 1, 0], "L", "R", "A", "P"),  # left-right flipped
+        ([-1, 0, 0, 0, -1, 0], "L", "R", "P", "A"),  # prone
+        ([0, 1, 0, 0, 0, -1], "A", "P", "H", "F"),  # sagittal
+        ([0.966, 0.259, 0, -0.259, 0.966, 0], "R", "L", "A", "P"),  # 15 degrees oblique
+    ],
+)
+def test_image_edge_labels(iop: list[float], left: str, right: str, top: str, bottom: str) -> None:
+    labels = image_edge_labels(iop[:3], iop[3:])
+    assert (labels.left, labels.right, labels.top, labels.bottom) == (left, right, top, bottom)
+
+
+def test_patient_direction_letter_refuses_zero() -> None:
+    assert patient_direction_letter([0, 0, -2]) == "F"
+    with pytest.raises(ValueError):
+        patient_direction_letter([0, 0, 0])
+
+
+def test_choose_key_slices() -> None:
+    lungs = np.zeros((10, 4, 4), np.uint8)
+    lungs[2:8, :2, :] = 1  # area 8
+    lungs[5, :, :] = 2  # largest lung area at k=5
+    les = np.zeros_like(lungs)
+    assert choose_key_slices(lungs, les, 3) == [5]  # negative: one slice, largest lung
+    les[3, :2, :2] = 1  # area 4
+    les[4, :3, :3] = 1  # area 9
+    les[8, :1, :3] = 2  # area 3
+    assert choose_key_slices(lungs, les, 3) == [4, 3, 8]
+    assert choose_key_slices(lungs, les, 2, min_gap=2) == [4, 8]  # 3 is too close to 4
+    assert choose_key_slices(lungs, les, 0) == []
+
+
+# ---------------------------------------------------------------- a real series
+
+
+@dataclass(frozen=True)
+class Case:
+    ct: Volume
+    sources: list[pydicom.Dataset]  # header only, in k order
+    lungs: LungMasks
+    analysis: LesionAnalysis
+
+
+def _read_series(folder: Path, pixels: bool) -> list[pydicom.Dataset]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in files]
+
+
+def _box(ct: Volume, k: tuple[int, int], r: tuple[int, int], c: tuple[int, int]) -> Any:
+    return (slice(*k), slice(*r), slice(*c))
+
+
+def _patient_side(ct: Volume, cols: tuple[int, int]) -> Side:
+    """The patient side of a column range (at the volume's centre row/slice), from the affine."""
+    k, r = ct.shape[0] // 2, ct.shape[1] // 2
+    x = ct.index_to_lps([k, r, (cols[0] + cols[1]) / 2])[0, 0]
+    return Side.LEFT if x > ct.index_to_lps([k, r, (ct.shape[2] - 1) / 2])[0, 0] else Side.RIGHT
+
+
+def _finding(ct: Volume, index: int, kind: LesionKind, box: Any, mean_hu: float) -> Finding:
+    m = np.zeros(ct.shape, bool)
+    m[box] = True
+    idx = np.argwhere(m)
+    lps = ct.index_to_lps(idx)
+    cols = (int(idx[:, 2].min()), int(idx[:, 2].max()) + 1)
+    return Finding(
+        index=index,
+        kind=kind,
+        volume_ml=round(len(idx) * ct.voxel_volume_ml, 3),
+        side=_patient_side(ct, cols),
+        zone=Zone.MIDDLE,
+        mean_hu=mean_hu,
+        centroid_lps=tuple(float(v) for v in lps.mean(axis=0)),  # type: ignore[arg-type]
+        bbox_min_lps=tuple(float(v) for v in lps.min(axis=0)),  # type: ignore[arg-type]
+        bbox_max_lps=tuple(float(v) for v in lps.max(axis=0)),  # type: ignore[arg-type]
+        voxel_count=len(idx),
+    )
+
+
+def _make_case(ct: Volume, sources: list[pydicom.Dataset], lesions: bool = True) -> Case:
+    """Two box lungs and (optionally) one GGO box in the patient-left lung and one
+    consolidation box in the patient-right lung, wherever the affine puts left and right."""
+    k_range, r_range = (20, 60), (15, 45)
+    low_cols, high_cols = (8, 30), (34, 56)
+    low_side = _patient_side(ct, low_cols)
+    lung_cols = {low_side: low_cols, Side.LEFT if low_side is Side.RIGHT else Side.RIGHT: high_cols}
+    lung = np.zeros(ct.shape, np.uint8)
+    for side, cols in lung_cols.items():
+        lung[_box(ct, k_range, r_range, cols)] = LUNG_LABELS[side]
+    les = np.zeros(ct.shape, np.uint8)
+    findings: tuple[Finding, ...] = ()
+    lc = lung_cols[Side.LEFT]
+    rc = lung_cols[Side.RIGHT]
+    if lesions:
+        ggo = _box(ct, (28, 40), (20, 30), (lc[0] + 4, lc[0] + 14))
+        cons = _box(ct, (40, 46), (25, 32), (rc[0] + 5, rc[0] + 11))
+        les[ggo] = LESION_LABELS[LesionKind.GGO]
+        les[cons] = LESION_LABELS[LesionKind.CONSOLIDATION]
+        findings = (
+            _finding(ct, 1, LesionKind.GGO, ggo, -612.4),
+            _finding(ct, 2, LesionKind.CONSOLIDATION, cons, -35.2),
+        )
+    vml = ct.voxel_volume_ml
+    figs = []
+    for side in (Side.RIGHT, Side.LEFT):
+        in_lung = lung == LUNG_LABELS[side]
+        g = float(np.count_nonzero(in_lung & (les == 1)) * vml)
+        c = float(np.count_nonzero(in_lung & (les == 2)) * vml)
+        v = float(np.count_nonzero(in_lung) * vml)
+        figs.append(LungFigure(side, round(v, 3), round(g, 3), round(c, 3), 100 * (g + c) / v))
+    total = sum(f.volume_ml for f in figs)
+    involved = sum(f.ggo_ml + f.consolidation_ml for f in figs)
+    zones = tuple(
+        ZoneFigure(s, z, total / 6, 0.0, 0.0, 0) for s in (Side.RIGHT, Side.LEFT) for z in Zone
+    )
+    analysis = LesionAnalysis(
+        labels=ct.with_array(les),
+        findings=findings,
+        lungs=(figs[0], figs[1]),
+        zones=zones,
+        involved_pct=100 * involved / total,
+        severity_score=4 if lesions else 0,
+        severity_max=20,
+        severity_scale="CT severity score, 5 lobes x 0-4 (test)",
+        suspicion=0.8731 if lesions else 0.02,
+        pattern=Pattern.PRESENT if lesions else Pattern.ABSENT,
+        detector="test 1",
+        n_findings_total=len(findings),
+    )
+    return Case(ct, sources, LungMasks(ct.with_array(lung), "test-boxes"), analysis)
+
+
+@pytest.fixture(scope="module")
+def small(shared_data: Path) -> tuple[Volume, list[pydicom.Dataset]]:
+    folder = shared_data / SMALL_SERIES
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    ct, ordered = build_volume(_read_series(folder, pixels=True), VolumeConfig())
+    headers = {str(d.SOPInstanceUID): d for d in _read_series(folder, pixels=False)}
+    return ct, [headers[str(d.SOPInstanceUID)] for d in ordered]
+
+
+@pytest.fixture(scope="module")
+def case(small: tuple[Volume, list[pydicom.Dataset]]) -> Case:
+    return _make_case(*small)
+
+
+def _build(case: Case, version: str = VERSION, **kw: Any) -> ReportObjects:
+    return build_report(
+        case.ct, case.sources, case.lungs, case.analysis, ReportConfig(),
+        algorithm_name=NAME, algorithm_version=version, created=kw.pop("created", CREATED), **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(case: Case) -> ReportObjects:
+    return _build(case)
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's Error and Warning lines for one file (skips where not installed)."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed")
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith(("Error", "Warn"))]
+
+
+def _all(objects: ReportObjects) -> list[tuple[str, pydicom.Dataset]]:
+    return [("sr", objects.sr), ("seg", objects.seg)] + [
+        (f"sc{i}", d) for i, d in enumerate(objects.key_images)
+    ]
+
+
+# Warnings that come from the source headers, not from us: single-component person names
+# (COPDGene), Study Time / Study ID absent in the de-identified LIDC-IDRI series.
+_SOURCE_WARNINGS = ("Retired Person Name form", "needed to build DICOMDIR - Study")
+
+
+def _assert_valid(objects: ReportObjects, tmp_path: Path) -> list[str]:
+    """dciodvfy: no errors, no warnings other than those inherited from the source."""
+    seen = []
+    for name, ds in _all(objects):
+        lines = _dciodvfy(_write(ds, tmp_path / f"{name}.dcm"))
+        errors = [ln for ln in lines if ln.startswith("Error")]
+        assert not errors, f"{name}: {errors}"
+        assert all(any(w in ln for w in _SOURCE_WARNINGS) for ln in lines), f"{name}: {lines}"
+        seen += [f"{name}: {ln}" for ln in lines]
+    return seen
+
+
+# ---------------------------------------------------------------- the three objects
+
+
+def test_objects_pass_dciodvfy(built: ReportObjects, tmp_path: Path) -> None:
+    _assert_valid(built, tmp_path)
+
+
+def test_objects_reference_the_source_study(built: ReportObjects, case: Case) -> None:
+    study = case.sources[0].StudyInstanceUID
+    for name, ds in _all(built):
+        assert ds.StudyInstanceUID == study, name
+        assert ds.PatientID == case.sources[0].PatientID, name
+    seg_refs = built.seg.ReferencedSeriesSequence[0]
+    assert seg_refs.SeriesInstanceUID == case.sources[0].SeriesInstanceUID
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study_item in built.sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert built.seg.SOPInstanceUID in evidence
+    assert {d.SOPInstanceUID for d in case.sources} <= evidence
+    for sc in built.key_images:
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in evidence
+
+
+def test_seg_decodes_back_to_the_masks(built: ReportObjects, case: Case, tmp_path: Path) -> None:
+    seg = hd.seg.segread(_write(built.seg, tmp_path / "seg.dcm"))
+    uids = [str(d.SOPInstanceUID) for d in case.sources]
+    got = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3, 4])
+    lung, les = case.lungs.labels.array, case.analysis.labels.array
+    expected = np.stack(
+        [
+            lung == LUNG_LABELS[Side.RIGHT],
+            lung == LUNG_LABELS[Side.LEFT],
+            les == LESION_LABELS[LesionKind.GGO],
+            les == LESION_LABELS[LesionKind.CONSOLIDATION],
+        ],
+        axis=-1,
+    )
+    assert got.shape == expected.shape
+    assert np.array_equal(got.astype(bool), expected)
+    # Only frames with content are stored.
+    assert seg.NumberOfFrames == int(np.count_nonzero(expected.any(axis=(1, 2))))
+    labels = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
+    assert labels == {1: "Right lung", 2: "Left lung", 3: "Ground-glass opacity",
+                      4: "Consolidation"}
+    right = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert right.CodeValue == "39607008"
+    assert right.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    assert seg.SegmentSequence[3].SegmentedPropertyTypeCodeSequence[0].CodeValue == "95436008"
+    series = str(case.sources[0].SeriesInstanceUID)
+    tracking = {s.SegmentNumber: s.TrackingUID for s in seg.SegmentSequence}
+    assert tracking[1] == output_uid(series, VERSION, "tracking-lung", 1)  # = the SR group's
+    assert tracking[3] == output_uid(series, VERSION, "tracking-kind", 3)
+    alg = seg.SegmentSequence[2].SegmentationAlgorithmIdentificationSequence[0]
+    assert (alg.AlgorithmName, alg.AlgorithmVersion) == (NAME, VERSION)
+
+
+def _measurements(group: Any) -> dict[str, tuple[float, str]]:
+    return {m.name.meaning: (float(m.value), m.unit.value) for m in group.get_measurements()}
+
+
+def test_sr_holds_the_measurements(built: ReportObjects, case: Case, tmp_path: Path) -> None:
+    sr = hd.sr.srread(_write(built.sr, tmp_path / "sr.dcm"))
+    report: Any = sr.content  # a MeasurementReport (typed as ContentSequence)
+    a = case.analysis
+    series = str(case.sources[0].SeriesInstanceUID)
+
+    study = report.get_image_measurement_groups(
+        tracking_uid=output_uid(series, VERSION, "tracking-study")
+    )
+    assert len(study) == 1
+    (evaluation,) = study[0].get_qualitative_evaluations(name=COVID_19)
+    assert evaluation.value.value == "52101004"  # Present
+    m = _measurements(study[0])
+    assert m["Extent"] == (pytest.approx(a.involved_pct, abs=1e-3), "%")
+    assert m["Severity"] == (a.severity_score, "{score}")
+    assert m["Score"] == (pytest.approx(a.suspicion, abs=1e-4), "1")
+
+    for fig in a.lungs:
+        number = SEGMENT_NUMBERS[fig.side]
+        (group,) = report.get_volumetric_roi_measurement_groups(
+            tracking_uid=output_uid(series, VERSION, "tracking-lung", number)
+        )
+        assert group.referenced_segment is not None
+        seg_item = group.referenced_segment[0]
+        assert seg_item.referenced_sop_instance_uid == built.seg.SOPInstanceUID
+        assert seg_item.referenced_segment_numbers == [number]
+        m = _measurements(group)
+        assert m["Volume"] == (pytest.approx(fig.volume_ml, abs=1e-3), "ml")
+        assert m["Extent"][0] == pytest.approx(fig.involved_pct, abs=1e-3)
+        assert group.finding_sites[0].laterality.value == ("24028007" if fig.side is Side.RIGHT
+                                                          else "7771000")
+
+    for kind in LesionKind:
+        groups = report.get_volumetric_roi_measurement_groups(finding_type=KIND_CODES[kind])
+        kind_total = sum(f.ggo_ml if kind is LesionKind.GGO else f.consolidation_ml
+                         for f in a.lungs)
+        volumes = {g.tracking_identifier: _measurements(g)["Volume"][0] for g in groups}
+        assert volumes[f"all {kind}"] == pytest.approx(kind_total, abs=1e-3)
+
+    for f in a.findings:
+        (group,) = report.get_volumetric_roi_measurement_groups(
+            tracking_uid=output_uid(series, VERSION, "tracking-lesion", f.index)
+        )
+        assert group.tracking_identifier == f"lesion {f.index}"
+        assert group.finding_type.value == KIND_CODES[f.kind].value
+        m = _measurements(group)
+        assert m["Volume"] == (pytest.approx(f.volume_ml, abs=1e-3), "ml")
+        assert m["Attenuation Coefficient"] == (pytest.approx(f.mean_hu, abs=0.05), "[hnsf'U]")
+        (site,) = group.finding_sites
+        assert site.value.value == "281393007"  # middle zone of lung
+        assert site.laterality.value == ("7771000" if f.side is Side.LEFT else "24028007")
+        assert group.referenced_segment[0].referenced_segment_numbers == [SEGMENT_NUMBERS[f.kind]]
+
+    # Procedure reported, device observer, image library of the whole series.
+    assert sr.ContentSequence  # root container
+    codes_used = {str(i.ConceptCodeSequence[0].CodeValue) for i in sr.ContentSequence
+                  if "ConceptCodeSequence" in i}
+    assert "169069000" in codes_used  # CT of chest
+    assert "121007" in codes_used  # observer type: device
+    library = [i for i in sr.ContentSequence
+               if i.ConceptNameCodeSequence[0].CodeValue == "111028"]  # Image Library
+    assert len(library) == 1
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.ContentDate == "20240102"
+
+
+def test_key_images(built: ReportObjects, case: Case) -> None:
+    assert len(built.key_images) == ReportConfig().key_images
+    numbers = [d.InstanceNumber for d in built.key_images]
+    assert numbers == [1, 2, 3]
+    for sc in built.key_images:
+        assert sc.BurnedInAnnotation == "YES"
+        assert sc.BodyPartExamined
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+        assert sc.PatientOrientation == ["L", "P"]  # IOP [1,0,0,0,1,0]
+        assert "StudyDescription" in sc
+        assert sc.SeriesInstanceUID == built.key_images[0].SeriesInstanceUID
+    # The chosen slices hold the most lesion voxels.
+    les = case.analysis.labels.array
+    sop_to_k = {d.SOPInstanceUID: k for k, d in enumerate(case.sources)}
+    ks = [sop_to_k[d.SourceImageSequence[0].ReferencedSOPInstanceUID] for d in built.key_images]
+    area = np.count_nonzero(les.reshape(les.shape[0], -1), axis=1)
+    assert all(area[k] > 0 for k in ks)
+    assert area[ks[0]] == area.max()
+
+
+def _flip_left_right(case: Case) -> Case:
+    """The same patient stored mirrored: IOP row direction [-1,0,0], columns reversed."""
+    ct = case.ct
+    n_cols = ct.shape[2]
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.index_to_lps([0, 0, n_cols - 1])[0]
+    affine[:3, 2] = -ct.affine[:3, 2]
+    flipped = Volume(ct.array[:, :, ::-1].copy(), affine, ct.frame_of_reference_uid)
+    sources = []
+    for k, d in enumerate(case.sources):
+        d2 = copy.deepcopy(d)
+        iop = [float(v) for v in d.ImageOrientationPatient]
+        d2.ImageOrientationPatient = [-iop[0], -iop[1], -iop[2], *iop[3:]]
+        d2.ImagePositionPatient = [round(float(v), 6) for v in flipped.index_to_lps([k, 0, 0])[0]]
+        sources.append(d2)
+    return _make_case(flipped, sources)
+
+
+def _yellow_mean_column(pixels: np.ndarray, image_rows: int) -> float:
+    _, xs = np.nonzero(np.all(pixels[:image_rows] == YELLOW, axis=-1))
+    assert xs.size > 0
+    return float(xs.mean())
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_left_marker_is_on_the_patient_left(case: Case, flip: bool) -> None:
+    """The GGO box lies in the patient-left lung; in the rendered image it must lie on the
+    half whose edge is labelled "L", for a normal and a mirrored source."""
+    c = _flip_left_right(case) if flip else case
+    k = int(np.argmax(np.count_nonzero(c.analysis.labels.array == 1, axis=(1, 2))))
+    pixels, edges, factor = render_key_image(
+        c.ct, c.lungs.labels.array, c.analysis.labels.array, k, ["caption"], ReportConfig()
+    )
+    width = c.ct.shape[2] * factor
+    on_right_half = _yellow_mean_column(pixels, c.ct.shape[1] * factor) > width / 2
+    assert (edges.right if on_right_half else edges.left) == "L"
+    assert (edges.left, edges.right) == (("L", "R") if flip else ("R", "L"))
+    if flip:
+        objects = build_report(
+            c.ct, c.sources, c.lungs, c.analysis, ReportConfig(),
+            algorithm_name=NAME, algorithm_version=VERSION, created=CREATED,
+        )
+        assert objects.key_images[0].PatientOrientation == ["R", "P"]
+
+
+def test_uids_are_idempotent_and_versioned(built: ReportObjects, case: Case) -> None:
+    again = _build(case, created=datetime.datetime(2030, 5, 6, 7, 8, 9))
+    other = _build(case, version="0.2.0")
+
+    def uids(o: ReportObjects) -> list[str]:
+        out = []
+        for _, ds in _all(o):
+            out += [ds.SOPInstanceUID, ds.SeriesInstanceUID]
+        out += [s.TrackingUID for s in o.seg.SegmentSequence]
+        return out
+
+    assert uids(again) == uids(built)
+    assert not set(uids(other)) & set(uids(built))
+    assert str(again.sr.ContentDate) == "20300506"  # content date follows ``created``
+    assert len({ds.SeriesInstanceUID for _, ds in _all(built)}) == 3  # one series per kind
+    assert len({ds.SOPInstanceUID for _, ds in _all(built)}) == 2 + len(built.key_images)
+
+
+def test_absent_study_builds_and_validates(small: tuple[Volume, list[pydicom.Dataset]],
+                                           tmp_path: Path) -> None:
+    c = _make_case(*small, lesions=False)
+    objects = _build(c)
+    _assert_valid(objects, tmp_path)
+    assert len(objects.key_images) == 1
+    present = {int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+               for fg in objects.seg.PerFrameFunctionalGroupsSequence}
+    assert present == {1, 2}
+    assert len(objects.seg.SegmentSequence) == 4  # empty lesion segments stay described
+    sr = hd.sr.srread(_write(objects.sr, tmp_path / "sr.dcm"))
+    report: Any = sr.content
+    (study,) = report.get_image_measurement_groups(finding_type=COVID_19)
+    (evaluation,) = study.get_qualitative_evaluations(name=COVID_19)
+    assert evaluation.value.value == "2667000"  # Absent
+    # The empty lesion kinds are reported as 0 ml without an ROI reference.
+    for kind in LesionKind:
+        (g,) = report.get_image_measurement_groups(finding_type=KIND_CODES[kind])
+        assert _measurements(g)["Volume"] == (0.0, "ml")
+    assert not report.get_volumetric_roi_measurement_groups(
+        finding_type=KIND_CODES[LesionKind.GGO]
+    )
+
+
+def test_geometry_mismatch_is_refused(case: Case) -> None:
+    with pytest.raises(ValueError, match="ImagePositionPatient"):
+        build_report(
+            case.ct, case.sources[::-1], case.lungs, case.analysis, ReportConfig(),
+            algorithm_name=NAME, algorithm_version=VERSION,
+        )
+    with pytest.raises(ValueError, match="source datasets"):
+        build_report(
+            case.ct, case.sources[:-1], case.lungs, case.analysis, ReportConfig(),
+            algorithm_name=NAME, algorithm_version=VERSION,
+        )
+    small_labels = replace(case.lungs, labels=Volume(case.lungs.labels.array[1:],
+                                                        case.ct.affine))
+    with pytest.raises(ValueError, match="not on the CT grid"):
+        build_report(
+            case.ct, case.sources, small_labels, case.analysis, ReportConfig(),
+            algorithm_name=NAME, algorithm_version=VERSION,
+        )
+
+
+def test_codes_are_short_and_real(built: ReportObjects) -> None:
+    """Every code meaning <= 64 characters; no private coding schemes (99...)."""
+    seen: list[pydicom.Dataset] = []
+
+    def walk(ds: pydicom.Dataset) -> None:
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    if "CodeValue" in item and "CodingSchemeDesignator" in item:
+                        seen.append(item)
+                    walk(item)
+
+    for _, ds in _all(built):
+        walk(ds)
+    assert seen
+    for item in seen:
+        assert len(item.CodeMeaning) <= 64
+        assert not str(item.CodingSchemeDesignator).startswith("99")
+        assert item.CodingSchemeDesignator in {"SCT", "DCM", "UCUM", "LN", "RFC5646"}
+    assert {(VOLUME.value, "SCT"), (EXTENT.value, "SCT")} <= {
+        (i.CodeValue, i.CodingSchemeDesignator) for i in seen
+    }
+    assert codes.SCT.Lung.value in {i.CodeValue for i in seen}
+
+
+# ---------------------------------------------------------------- a full-size series
+
+
+@pytest.mark.slow
+def test_build_report_time_full_size(shared_data: Path, tmp_path: Path) -> None:
+    """275 x 512 x 512 (LIDC-IDRI-0314 headers, synthetic HU and masks): prints the time."""
+    folder = shared_data / BIG_SERIES
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    headers = _read_series(folder, pixels=False)
+    geometry = stack_geometry(headers, VolumeConfig())
+    sources = [headers[i] for i in geometry.order]
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 100, size=geometry.shape, dtype=np.int16)
+    ct = Volume(hu, geometry.affine, "")
+    c = _make_case_big(ct, sources)
+    t0 = time.perf_counter()
+    objects = build_report(
+        c.ct, c.sources, c.lungs, c.analysis, ReportConfig(),
+        algorithm_name=NAME, algorithm_version=VERSION,
+    )
+    elapsed = time.perf_counter() - t0
+    print(f"\nbuild_report 275x512x512: {elapsed:.1f} s, SEG {objects.seg.NumberOfFrames} frames")
+    print("\n".join(_assert_valid(objects, tmp_path)))
+    assert elapsed < 120
+
+
+def _make_case_big(ct: Volume, sources: list[pydicom.Dataset]) -> Case:
+    """Lungs over 200 slices of 512x512 and lesions over 60: a badly affected study."""
+    lung = np.zeros(ct.shape, np.uint8)
+    lung[30:230, 120:400, 60:240] = LUNG_LABELS[_patient_side(ct, (60, 240))]
+    lung[30:230, 120:400, 272:452] = LUNG_LABELS[_patient_side(ct, (272, 452))]
+    les = np.zeros(ct.shape, np.uint8)
+    les[100:160, 200:300, 100:200] = LESION_LABELS[LesionKind.GGO]
+    les[120:140, 220:260, 300:360] = LESION_LABELS[LesionKind.CONSOLIDATION]
+    f1 = _finding(ct, 1, LesionKind.GGO, (slice(100, 160), slice(200, 300), slice(100, 200)),
+                  -600.0)
+    f2 = _finding(ct, 2, LesionKind.CONSOLIDATION,
+                  (slice(120, 140), slice(220, 260), slice(300, 360)), -20.0)
+    vml = ct.voxel_volume_ml
+    figs = tuple(
+        LungFigure(s, float(np.count_nonzero(lung == LUNG_LABELS[s]) * vml), 1.0, 1.0, 5.0)
+        for s in (Side.RIGHT, Side.LEFT)
+    )
+    analysis = LesionAnalysis(
+        labels=ct.with_array(les), findings=(f1, f2), lungs=(figs[0], figs[1]),
+        zones=tuple(ZoneFigure(s, z, 100.0, 5.0, 5.0, 1) for s in Side for z in Zone),
+        involved_pct=5.0, severity_score=6, severity_max=20, severity_scale="test scale",
+        suspicion=0.9, pattern=Pattern.PRESENT, detector="test", n_findings_total=2,
+    )
+    return Case(ct, sources, LungMasks(ct.with_array(lung), "test"), analysis)
