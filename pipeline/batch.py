@@ -84,8 +84,14 @@ def run_batch(
             summary.skipped_unchanged += 1
             log.info("[%d/%d] study %s unchanged; skipped", i, len(studies), study.study_uid)
             continue
-        log.info("[%d/%d] study %s: %d series, %d instances", i, len(studies),
-                 study.study_uid, len(study.series), study.n_instances)
+        log.info(
+            "[%d/%d] study %s: %d series, %d instances",
+            i,
+            len(studies),
+            study.study_uid,
+            len(study.series),
+            study.n_instances,
+        )
         result = _screen(study, archive, stages)
         _prune_replaced(archive, worklist, result)
         worklist.record(result, fp)
@@ -94,8 +100,14 @@ def run_batch(
             summary.reasons[r] += 1
         summary.stage_seconds.update(result.timings_s)
         summary.outputs_written += len(result.outputs)
-        log.info("[%d/%d] study %s: %s %s", i, len(studies), study.study_uid,
-                 result.status.value, ", ".join(result.reasons))
+        log.info(
+            "[%d/%d] study %s: %s %s",
+            i,
+            len(studies),
+            study.study_uid,
+            result.status.value,
+            ", ".join(result.reasons),
+        )
     summary.duration_s = time.perf_counter() - t0
     return summary
 
@@ -106,7 +118,7 @@ def _screen(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningResul
     except ArchiveError as e:
         log.error("study %s: archive error: %s", study.study_uid, e)
         code = "archive-error"
-    except Exception as e:  # noqa: BLE001 - one study's defect must not stop the night
+    except Exception as e:  # one study's defect must not stop the night
         log.exception("study %s: unexpected %s", study.study_uid, type(e).__name__)
         code = f"internal-error:{type(e).__name__}"
     return ScreeningResult(
@@ -146,4 +158,3 @@ def fingerprint(study: StudyRef, stages: Stages) -> str:
             if inst.sop_class_uid in ct_classes:
                 h.update(f"{s.series_uid}/{inst.sop_instance_uid}|".encode())
     return h.hexdigest()
-

@@ -1,8 +1,8 @@
 """The command line: the only place that parses arguments and configures logging.
 
-    ctscreen run --archive DIR [--since DATE] [--config FILE] [--force] [--json]
-    ctscreen worklist [--archive DIR | --worklist FILE] [--json]
-    ctscreen demo [--dir DIR] [--phantom-only]
+ctscreen run --archive DIR [--since DATE] [--config FILE] [--force] [--json]
+ctscreen worklist [--archive DIR | --worklist FILE] [--json]
+ctscreen demo [--dir DIR] [--phantom-only]
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if args.command != "worklist"
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command != "worklist"
         else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
@@ -46,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="screen every CT study of an archive and write results back")
     r.add_argument("--archive", required=True, help="a folder archive (any tree of DICOM files)")
-    r.add_argument("--since", type=_date, help="only studies with StudyDate on or after (YYYY-MM-DD)")
+    r.add_argument(
+        "--since", type=_date, help="only studies with StudyDate on or after (YYYY-MM-DD)"
+    )
     r.add_argument("--config", help="YAML settings overriding the embedded defaults")
     r.add_argument("--worklist", help="worklist database (default: beside the archive)")
     r.add_argument("--force", action="store_true", help="re-screen studies that are unchanged")
@@ -132,8 +137,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import build_demo_archive
 
     root = Path(args.dir).resolve()
-    archive = build_demo_archive(root, shared_data=args.shared_data,
-                                 phantom_only=args.phantom_only)
+    archive = build_demo_archive(root, shared_data=args.shared_data, phantom_only=args.phantom_only)
     return main(["run", "--archive", str(archive), "--force"])
 
 

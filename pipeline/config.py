@@ -36,15 +36,35 @@ class SelectionConfig:
     # BodyPartExamined values that mean "not a chest"; an empty or unlisted value passes
     # and the lung stage decides (it refuses a series without lungs).
     non_chest_body_parts: tuple[str, ...] = (
-        "HEAD", "BRAIN", "SKULL", "NECK", "ABDOMEN", "PELVIS", "HIP", "KNEE", "LEG",
-        "ANKLE", "FOOT", "ARM", "ELBOW", "HAND", "WRIST", "SHOULDER", "EXTREMITY",
-        "CSPINE", "LSPINE", "HEART",
+        "HEAD",
+        "BRAIN",
+        "SKULL",
+        "NECK",
+        "ABDOMEN",
+        "PELVIS",
+        "HIP",
+        "KNEE",
+        "LEG",
+        "ANKLE",
+        "FOOT",
+        "ARM",
+        "ELBOW",
+        "HAND",
+        "WRIST",
+        "SHOULDER",
+        "EXTREMITY",
+        "CSPINE",
+        "LSPINE",
+        "HEART",
     )
     # Regular expressions matched against ConvolutionKernel; a series whose kernel matches
     # an earlier pattern is preferred (lung / sharp kernels first).
     preferred_kernels: tuple[str, ...] = (
-        r"(?i)lung", r"^(?i:B[l]?[6-8]\d|Br[5-9]\d|Bl\d\d|I[57]0)", r"^(?i:FC5\d|FC8\d)",
-        r"^(?i:YA|YB|YC|L|LUNG)$", r"^(?i:D|E|C)$",
+        r"(?i)lung",
+        r"^(?i:B[l]?[6-8]\d|Br[5-9]\d|Bl\d\d|I[57]0)",
+        r"^(?i:FC5\d|FC8\d)",
+        r"^(?i:YA|YB|YC|L|LUNG)$",
+        r"^(?i:D|E|C)$",
     )
 
 
@@ -61,6 +81,19 @@ class VolumeConfig:
 class LungsConfig:
     method: str = "classical"
     min_lung_volume_ml: float = 500.0  # less, both lungs together: "no-lungs-found"
+    working_spacing_mm: float = 1.5  # in-plane blocks of about this size (labels upsampled)
+    air_threshold_hu: float = -400.0  # lung parenchyma and airways are below
+    min_component_ml: float = 50.0  # an air component smaller than this is never a lung
+    airway_threshold_hu: float = -900.0  # trachea seed; growth tries this and lower
+    airway_max_ml: float = 250.0  # a grown airway larger than this has leaked into the lung
+    trachea_min_area_mm2: float = 40.0
+    trachea_max_area_mm2: float = 900.0
+    trachea_max_offset_mm: float = 40.0  # from the body's midline (LPS x)
+    # Convex-hull repair of dense pathology against the pleura (per slice, per lung)
+    pleural_max_depth_mm: float = 40.0  # deeper hull additions are anatomy (heart, liver)
+    pleural_max_area_fraction: float = 0.25  # of the slice's lung area
+    pleural_min_mean_hu: float = -500.0  # hull additions must be dense (pathology or wall)
+    mediastinal_margin: float = 0.0  # medial by more than this x lung width: mediastinum
 
 
 @dataclass(frozen=True)
@@ -70,6 +103,18 @@ class LesionsConfig:
     # Study-level pattern: involvement of both lungs together, in percent.
     present_min_pct: float = 1.0
     indeterminate_min_pct: float = 0.1
+    # Density detector (HU bands after smoothing; see pipeline/lesions.py)
+    working_spacing_mm: float = 1.5  # in-plane blocks of about this size
+    smoothing_sigma_mm: float = 1.0
+    ggo_min_hu: float = -750.0  # ground glass from here ...
+    consolidation_min_hu: float = -300.0  # ... to here; consolidation from here ...
+    consolidation_max_hu: float = 100.0  # ... to here; denser is calcification or contrast
+    consolidation_edge_hu: float = -450.0  # a consolidation's partial-volume rim joins it
+    vessel_opening_mm: float = 3.5  # cube half-side a: removes tubes of radius < a*sqrt(2)
+    regrow_voxels: int = 1  # lesions grow back this many voxels after the opening
+    ggo_shell_opening_mm: float = 1.5  # removes thin GGO shells around consolidation
+    edge_erosion_mm: float = 3.0  # lesions must reach this deep into the lung
+    min_lesion_ml: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -145,7 +190,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

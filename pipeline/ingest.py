@@ -83,7 +83,9 @@ def instance_header(ds: Dataset, locator: str) -> InstanceHeader:
         study_date=_text(ds, "StudyDate"),
         study_time=_text(ds, "StudyTime"),
         accession_number=_text(ds, "AccessionNumber"),
-        has_pixel_data=any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        has_pixel_data=any(
+            t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+        ),
         number_of_frames=_int(ds, "NumberOfFrames") or 1,
     )
 

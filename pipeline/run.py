@@ -83,8 +83,13 @@ def run_study(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningRes
         return replace(base, reasons=(e.code,))
     with _timed(timings, "report"):
         objects = build_report(
-            ct, sources, lungs, analysis, cfg.report,
-            algorithm_name=ALGORITHM_NAME, algorithm_version=stages.algorithm_version,
+            ct,
+            sources,
+            lungs,
+            analysis,
+            cfg.report,
+            algorithm_name=ALGORITHM_NAME,
+            algorithm_version=stages.algorithm_version,
         )
     with _timed(timings, "writeback"):
         outputs = write_back(

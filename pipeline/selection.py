@@ -38,10 +38,10 @@ from .config import SelectionConfig
 def select_series(study: StudyRef, config: SelectionConfig) -> Selection:
     """Judge every series of ``study``; choose the best one that passes every rule."""
     if not study.uid_valid:
-        decisions = tuple(_decision(s, ("missing-study-uid",)) for s in study.series)
-        return Selection(study.study_uid, None, decisions, ("missing-study-uid",))
+        refused = tuple(_decision(s, ("missing-study-uid",)) for s in study.series)
+        return Selection(study.study_uid, None, refused, ("missing-study-uid",))
 
-    decisions = []
+    decisions: list[SeriesDecision] = []
     passing: list[tuple[tuple[float, ...], SeriesRef]] = []
     for series in study.series:
         reasons = series_reasons(series, config)
@@ -52,7 +52,9 @@ def select_series(study: StudyRef, config: SelectionConfig) -> Selection:
     if passing:
         passing.sort(key=lambda kv: kv[0])
         return Selection(study.study_uid, passing[0][1], tuple(decisions))
-    return Selection(study.study_uid, None, tuple(decisions), _study_reasons(study, decisions, config))
+    return Selection(
+        study.study_uid, None, tuple(decisions), _study_reasons(study, decisions, config)
+    )
 
 
 def series_reasons(series: SeriesRef, config: SelectionConfig) -> tuple[str, ...]:
@@ -70,7 +72,10 @@ def series_reasons(series: SeriesRef, config: SelectionConfig) -> tuple[str, ...
     if any(t in config.excluded_image_type for t in first.image_type):
         return ("localizer",)
     required = config.required_image_type
-    if len(first.image_type) < len(required) or tuple(first.image_type[: len(required)]) != required:
+    if (
+        len(first.image_type) < len(required)
+        or tuple(first.image_type[: len(required)]) != required
+    ):
         reasons.append("not-original-primary")
     if any(h.number_of_frames > 1 for h in series.instances):
         reasons.append("multiframe-unsupported")
@@ -107,7 +112,8 @@ def _study_reasons(
     study: StudyRef, decisions: list[SeriesDecision], config: SelectionConfig
 ) -> tuple[str, ...]:
     ct = [
-        d for d, s in zip(decisions, study.series)
+        d
+        for d, s in zip(decisions, study.series, strict=True)
         if s.first.modality in config.modalities or not s.first.modality
     ]
     ct = [d for d in ct if not any(r.startswith("not-ct-image") for r in d.reasons)]
@@ -126,7 +132,9 @@ def _study_reasons(
 def _decision(
     series: SeriesRef, reasons: tuple[str, ...], key: tuple[float, ...] = ()
 ) -> SeriesDecision:
-    return SeriesDecision(series.series_uid, series.description, len(series.instances), reasons, key)
+    return SeriesDecision(
+        series.series_uid, series.description, len(series.instances), reasons, key
+    )
 
 
 def _rank_key(series: SeriesRef, config: SelectionConfig) -> tuple[float, ...]:

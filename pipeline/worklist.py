@@ -47,8 +47,11 @@ CREATE TABLE IF NOT EXISTS studies (
 """
 
 _GROUP = {Pattern.PRESENT.value: 0, Pattern.INDETERMINATE.value: 1, Pattern.ABSENT.value: 3}
-_FLAG = {Pattern.PRESENT.value: "FLAG", Pattern.INDETERMINATE.value: "review",
-         Pattern.ABSENT.value: "-"}
+_FLAG = {
+    Pattern.PRESENT.value: "FLAG",
+    Pattern.INDETERMINATE.value: "review",
+    Pattern.ABSENT.value: "-",
+}
 
 
 @dataclass(frozen=True)
@@ -152,14 +155,28 @@ class Worklist:
                     updated_at=excluded.updated_at
                 """,
                 (
-                    result.study_uid, result.accession_number, result.study_date,
-                    result.status.value, json.dumps(list(result.reasons)), result.series_uid,
-                    result.series_description, result.n_slices, lungs[0], lungs[1],
-                    result.involved_pct, result.severity_score, result.severity_max,
-                    result.suspicion, result.pattern.value if result.pattern else None,
-                    result.n_findings, json.dumps([asdict(o) for o in result.outputs]),
-                    result.algorithm_version, fingerprint, json.dumps(result.timings_s),
-                    now, now,
+                    result.study_uid,
+                    result.accession_number,
+                    result.study_date,
+                    result.status.value,
+                    json.dumps(list(result.reasons)),
+                    result.series_uid,
+                    result.series_description,
+                    result.n_slices,
+                    lungs[0],
+                    lungs[1],
+                    result.involved_pct,
+                    result.severity_score,
+                    result.severity_max,
+                    result.suspicion,
+                    result.pattern.value if result.pattern else None,
+                    result.n_findings,
+                    json.dumps([asdict(o) for o in result.outputs]),
+                    result.algorithm_version,
+                    fingerprint,
+                    json.dumps(result.timings_s),
+                    now,
+                    now,
                 ),
             )
 
@@ -210,15 +227,20 @@ class Worklist:
 
 def format_table(rows: list[WorklistRow]) -> str:
     """The worklist as a fixed-width table for a terminal."""
-    head = (f"{'#':>3}  {'flag':<12} {'score':>5}  {'involved':>8}  {'severity':>8}  "
-            f"{'lungs R/L (ml)':>14}  {'date':<8}  {'accession':<16} status")
+    head = (
+        f"{'#':>3}  {'flag':<12} {'score':>5}  {'involved':>8}  {'severity':>8}  "
+        f"{'lungs R/L (ml)':>14}  {'date':<8}  {'accession':<16} status"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         score = f"{r.suspicion:.2f}" if r.suspicion is not None else "-"
         inv = f"{r.involved_pct:.1f}%" if r.involved_pct is not None else "-"
         sev = f"{r.severity_score}/{r.severity_max}" if r.severity_score is not None else "-"
-        lungs = (f"{r.lung_right_ml:.0f}/{r.lung_left_ml:.0f}"
-                 if r.lung_right_ml is not None and r.lung_left_ml is not None else "-")
+        lungs = (
+            f"{r.lung_right_ml:.0f}/{r.lung_left_ml:.0f}"
+            if r.lung_right_ml is not None and r.lung_left_ml is not None
+            else "-"
+        )
         lines.append(
             f"{r.rank:>3}  {r.flag:<12} {score:>5}  {inv:>8}  {sev:>8}  {lungs:>14}  "
             f"{r.study_date or '-':<8}  {(r.accession_number or '-')[:16]:<16} {r.status_text}"

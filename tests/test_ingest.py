@@ -17,7 +17,9 @@ from pipeline.errors import ArchiveError, NotAnalysable
 from pipeline.ingest import find_studies
 
 
-def _ct(folder: Path, name: str, study: str, series: str, z: float, date_: str = "20200301") -> Path:
+def _ct(
+    folder: Path, name: str, study: str, series: str, z: float, date_: str = "20200301"
+) -> Path:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -40,7 +42,9 @@ def _ct(folder: Path, name: str, study: str, series: str, z: float, date_: str =
     return path
 
 
-def test_any_tree_any_names_grouped_by_study_and_series(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_any_tree_any_names_grouped_by_study_and_series(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     s1, s2 = generate_uid(), generate_uid()
     a, b, c = generate_uid(), generate_uid(), generate_uid()
     _ct(tmp_path / "x" / "deep" / "er", "IM0001", s1, a, 0)
@@ -72,7 +76,9 @@ def test_headers_are_read_without_pixel_data(tmp_path: Path) -> None:
     assert ds["PixelData"].is_undefined_length is False
 
 
-def test_dicomdir_and_vendor_index_files_are_skipped(shared_data: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_dicomdir_and_vendor_index_files_are_skipped(
+    shared_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     studies = find_studies(FolderArchive(shared_data / "bad-input" / "gantry-tilt"))
     assert sum(s.n_instances for s in studies) == 54

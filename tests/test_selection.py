@@ -25,10 +25,20 @@ def _series(
     **kw: object,
 ) -> SeriesRef:
     base = InstanceHeader(
-        locator="", study_uid="1.2.3", series_uid=uid, sop_instance_uid="", sop_class_uid=CT,
-        modality="CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL"), slice_thickness=1.0,
-        pixel_spacing=(0.7, 0.7), image_orientation=iop,  # type: ignore[arg-type]
-        rows=512, columns=512, body_part="CHEST", convolution_kernel="B70f",
+        locator="",
+        study_uid="1.2.3",
+        series_uid=uid,
+        sop_instance_uid="",
+        sop_class_uid=CT,
+        modality="CT",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        slice_thickness=1.0,
+        pixel_spacing=(0.7, 0.7),
+        image_orientation=iop,  # type: ignore[arg-type]
+        rows=512,
+        columns=512,
+        body_part="CHEST",
+        convolution_kernel="B70f",
         has_pixel_data=True,
     )
     base = replace(base, **kw)  # type: ignore[arg-type]

@@ -12,9 +12,16 @@ from pipeline.worklist import Worklist, format_table
 
 def _analysed(uid: str, suspicion: float, pattern: Pattern) -> ScreeningResult:
     return ScreeningResult(
-        study_uid=uid, accession_number=f"ACC{uid[-1]}", study_date="20200301",
-        status=Status.ANALYSED, lung_volume_ml=(2500.0, 2200.0), involved_pct=suspicion * 30,
-        severity_score=int(suspicion * 10), severity_max=30, suspicion=suspicion, pattern=pattern,
+        study_uid=uid,
+        accession_number=f"ACC{uid[-1]}",
+        study_date="20200301",
+        status=Status.ANALYSED,
+        lung_volume_ml=(2500.0, 2200.0),
+        involved_pct=suspicion * 30,
+        severity_score=int(suspicion * 10),
+        severity_max=30,
+        suspicion=suspicion,
+        pattern=pattern,
         n_findings=3,
         outputs=(OutputRef("sr", "1.2.840.10008.5.1.4.1.1.88.34", f"{uid}.9", f"{uid}.8"),),
     )
@@ -25,12 +32,17 @@ def test_ranking_groups_and_order(tmp_path: Path) -> None:
         wl.record(_analysed("1.1", 0.05, Pattern.ABSENT), "f1")
         wl.record(_analysed("1.2", 0.9, Pattern.PRESENT), "f2")
         wl.record(
-            ScreeningResult("1.3", "", "20200301", Status.NOT_ANALYSED,
-                            reasons=("slice-too-thick:5.0mm",)), "f3")
+            ScreeningResult(
+                "1.3", "", "20200301", Status.NOT_ANALYSED, reasons=("slice-too-thick:5.0mm",)
+            ),
+            "f3",
+        )
         wl.record(_analysed("1.4", 0.3, Pattern.INDETERMINATE), "f4")
         wl.record(_analysed("1.5", 0.95, Pattern.PRESENT), "f5")
-        wl.record(ScreeningResult("1.6", "", "", Status.FAILED,
-                                  reasons=("internal-error:ValueError",)), "f6")
+        wl.record(
+            ScreeningResult("1.6", "", "", Status.FAILED, reasons=("internal-error:ValueError",)),
+            "f6",
+        )
         rows = wl.rows()
     assert [r.study_uid for r in rows] == ["1.5", "1.2", "1.4", "1.6", "1.3", "1.1"]
     by = {r.study_uid: r for r in rows}

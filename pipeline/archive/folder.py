@@ -31,8 +31,17 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # A header read never loads values larger than this: pixel data stays on disk.
 _DEFER = 4096
 # pydicom raises these on a file that is not (valid) DICOM.
-READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
-               AttributeError, IndexError, OverflowError)
+READ_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    OverflowError,
+)
 
 
 class FolderArchive:
@@ -63,14 +72,16 @@ class FolderArchive:
         except READ_ERRORS as e:
             log.info("skipped %s: not a readable DICOM file (%s)", rel, type(e).__name__)
             return None
-        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        sop_class = str(
+            ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "")
+        )
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             log.info("skipped %s: DICOMDIR / vendor index file", rel)
             return None
         return ds
 
     def load(self, locators: Sequence[str]) -> list[Dataset]:
-        out = []
+        out: list[Dataset] = []
         for loc in locators:
             try:
                 ds = pydicom.dcmread(loc)
