@@ -1,0 +1,374 @@
+"""CT + lungs -> lesion labels (GGO / consolidation) -> findings, figures and scores.
+
+Two parts, so that a learned model can replace the first without touching the second:
+
+- a :class:`LesionDetector` turns (CT, lungs) into a label volume (``LESION_LABELS``);
+  :class:`DensityLesionDetector` is the first, honest, density-based one;
+- :func:`analyse` measures any label volume: per-lesion findings, per-lung and per-zone
+  involvement, a severity score, a suspicion score and the study-level pattern.
+
+The density detector (all thresholds in :class:`~pipeline.config.LesionsConfig`):
+
+1. works on the lungs' bounding box at about ``working_spacing_mm`` in-plane, smoothed with
+   a Gaussian of ``smoothing_sigma_mm``;
+2. abnormal = lung voxels denser than ``ggo_min_hu``; consolidation = denser than
+   ``consolidation_min_hu``; voxels above ``consolidation_max_hu`` (calcification, contrast
+   filled vessels) are neither;
+3. vessel suppression: each mask is opened with a cube of half-side
+   ``vessel_opening_mm`` (separable box filters).  A cube of half-side a removes tubes of
+   radius below a*sqrt(2) and keeps blobs of radius above a*sqrt(3): vessels go, lesions stay;
+4. partial-volume suppression at the pleura: a component is kept only if it reaches into
+   the lung eroded by ``edge_erosion_mm``; the kept lesions then grow back
+   ``regrow_voxels`` voxels into abnormal neighbours (the corners the opening shaved off),
+   and consolidation seeds grow one voxel into neighbours above ``consolidation_edge_hu``
+   (the partial-volume rim of a dense lesion);
+5. lesions smaller than ``min_lesion_ml`` are dropped; the result is restricted to the
+   lung mask (no finding ever lies outside the lungs).
+
+Severity: the CT severity score of Pan F. et al., Radiology 2020;295(3):715-721 scores each of
+five lobes 0-5 by the percentage involved; without a lobe segmentation we score six zones
+(each lung's upper / middle / lower third of its own craniocaudal extent), total 0-30.
+
+Suspicion (0..1, for ranking only, not a probability):
+``s = 1 - exp(-p / 5)`` with ``p`` the involved percentage of both lungs, raised to the
+power ``1 / (1 + 0.1 * (zones - 1) + 0.25 * bilateral)`` where ``zones`` counts zones with
+a non-zero score and ``bilateral`` is 1 when both lungs are involved.  The exponent is at
+most 1, so spread across zones and lungs raises the score; for a fixed spread it increases
+monotonically with involvement, and it is 0 without involvement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage as ndi
+
+from .artefacts import (
+    LESION_LABELS,
+    LUNG_LABELS,
+    Finding,
+    LesionAnalysis,
+    LesionKind,
+    LungFigure,
+    LungMasks,
+    Pattern,
+    Side,
+    Volume,
+    Zone,
+    ZoneFigure,
+)
+from .config import LesionsConfig
+from .errors import ConfigError
+from .lungs import block_mean, block_upsample, working_factors
+
+log = logging.getLogger(__name__)
+
+SEVERITY_SCALE = (
+    "CT severity score (Pan F et al., Radiology 2020;295(3):715-721), "
+    "adapted to six lung zones, 0-30"
+)
+SEVERITY_MAX = 30
+ZONES = (Zone.UPPER, Zone.MIDDLE, Zone.LOWER)
+SIDES = (Side.RIGHT, Side.LEFT)
+BoolArray = npt.NDArray[np.bool_]
+
+
+class LesionDetector(Protocol):
+    """Anything that marks lesions: (CT in HU, lungs) -> uint8 LESION_LABELS on the CT grid."""
+
+    name: str
+    version: str
+
+    def __call__(self, ct: Volume, lungs: LungMasks) -> Volume: ...
+
+
+# --------------------------------------------------------------------------- detector
+
+
+def _box_erode(mask: BoolArray, half: tuple[int, int, int]) -> BoolArray:
+    """Erosion by a (2h+1)-voxel cuboid, with separable box filters (outside counts as 0)."""
+    size = tuple(2 * h + 1 for h in half)
+    f = ndi.uniform_filter(mask.astype(np.float32), size=size, mode="constant", cval=0.0)
+    return np.asarray(f > 1.0 - 1e-4)
+
+
+def _box_dilate(mask: BoolArray, half: tuple[int, int, int]) -> BoolArray:
+    size = tuple(2 * h + 1 for h in half)
+    f = ndi.uniform_filter(mask.astype(np.float32), size=size, mode="constant", cval=0.0)
+    return np.asarray(f > 1e-4)
+
+
+def _box_open(mask: BoolArray, half: tuple[int, int, int]) -> BoolArray:
+    return _box_dilate(_box_erode(mask, half), half) & mask
+
+
+def _keep_touching(mask: BoolArray, seeds: BoolArray) -> BoolArray:
+    """Components of ``mask`` (26-connected) that contain at least one seed voxel."""
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return mask
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(lab[seeds & mask])] = True
+    keep[0] = False
+    return np.asarray(keep[lab])
+
+
+def _drop_small(mask: BoolArray, min_voxels: float) -> BoolArray:
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return np.asarray(keep[lab])
+
+
+class DensityLesionDetector:
+    """Density bands + vessel and partial-volume suppression (see the module docstring)."""
+
+    name = "density-threshold"
+    version = "1.0"
+
+    def __init__(self, config: LesionsConfig) -> None:
+        self.config = config
+
+    def __call__(self, ct: Volume, lungs: LungMasks) -> Volume:
+        cfg = self.config
+        t0 = time.perf_counter()
+        if lungs.labels.shape != ct.shape:
+            raise ValueError(f"lung labels shape {lungs.labels.shape} does not match the CT "
+                             f"grid {ct.shape}")
+        lung_full = lungs.mask()
+        out = np.zeros(ct.shape, dtype=np.uint8)
+        found = ndi.find_objects(lung_full.astype(np.uint8))
+        if not found or found[0] is None:
+            return ct.with_array(out)
+        sl = found[0]
+        f = working_factors(ct.spacing, cfg.working_spacing_mm)
+        hu = block_mean(ct.array[sl], f)
+        lung = block_mean(lung_full[sl], f) >= 0.5
+        sp = (ct.spacing[0] * f[0], ct.spacing[1] * f[1], ct.spacing[2] * f[2])
+        voxel_ml = float(np.prod(sp)) / 1000.0
+        s = ndi.gaussian_filter(hu, sigma=[cfg.smoothing_sigma_mm / v for v in sp], truncate=2.0)
+
+        def half(mm: float) -> tuple[int, int, int]:
+            return (max(1, math.ceil(mm / sp[0] - 1e-6)), max(1, math.ceil(mm / sp[1] - 1e-6)),
+                    max(1, math.ceil(mm / sp[2] - 1e-6)))
+
+        h_open = half(cfg.vessel_opening_mm)
+        core = _box_erode(lung, half(cfg.edge_erosion_mm))
+        dense = lung & (s > cfg.ggo_min_hu)
+        abnormal = _box_open(dense, h_open)
+        abnormal = _keep_touching(abnormal, core)
+        for _ in range(cfg.regrow_voxels):  # give back the corners the opening shaved off
+            abnormal |= _box_dilate(abnormal, (1, 1, 1)) & dense
+        cons = _box_open(lung & (s > cfg.consolidation_min_hu), h_open) & abnormal
+        cons |= _box_dilate(cons, (1, 1, 1)) & abnormal & (s > cfg.consolidation_edge_hu)
+        too_dense = s > cfg.consolidation_max_hu
+        cons &= ~too_dense
+        ggo = abnormal & ~cons & ~too_dense
+        ggo = _box_open(ggo, half(cfg.ggo_shell_opening_mm))
+        keep = _drop_small(ggo | cons, cfg.min_lesion_ml / voxel_ml)
+        small = np.zeros(hu.shape, dtype=np.uint8)
+        small[ggo & keep] = LESION_LABELS[LesionKind.GGO]
+        small[cons & keep] = LESION_LABELS[LesionKind.CONSOLIDATION]
+        crop_shape = tuple(x.stop - x.start for x in sl)
+        up = np.asarray(block_upsample(small, f, crop_shape))
+        out[sl] = np.where(lung_full[sl], up, 0)
+        log.info("lesions: %s %s on %s voxels in %.2f s", self.name, self.version,
+                 hu.shape, time.perf_counter() - t0)
+        return ct.with_array(out)
+
+
+def detector_for(config: LesionsConfig) -> LesionDetector:
+    """The detector named by ``config.detector``."""
+    if config.detector == "density":
+        return DensityLesionDetector(config)
+    raise ConfigError(f"lesions.detector: expected one of ['density'], got {config.detector!r}")
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def severity_zone_score(involved_pct: float) -> int:
+    """Pan et al. 2020 per-region score: 0 none, 1 <5%, 2 5-25%, 3 26-49%, 4 50-75%, 5 >75%."""
+    if involved_pct <= 0.0:
+        return 0
+    if involved_pct < 5.0:
+        return 1
+    if involved_pct <= 25.0:
+        return 2
+    if involved_pct < 50.0:
+        return 3
+    if involved_pct <= 75.0:
+        return 4
+    return 5
+
+
+def suspicion_score(involved_pct: float, n_zones: int, bilateral: bool) -> float:
+    """Ranking score in [0, 1]; see the module docstring for the formula."""
+    if involved_pct <= 0.0:
+        return 0.0
+    base = 1.0 - math.exp(-involved_pct / 5.0)
+    exponent = 1.0 / (1.0 + 0.1 * max(0, n_zones - 1) + 0.25 * float(bilateral))
+    return float(min(1.0, base ** exponent))
+
+
+def _slab_z(affine: npt.NDArray[np.float64], k0: int, k1: int,
+            rows: slice, cols: slice) -> npt.NDArray[np.float32]:
+    """LPS z of every voxel of slices k0..k1 (rows, cols sub-window), float32."""
+    a = affine[2].astype(np.float32)
+    k = np.arange(k0, k1, dtype=np.float32)[:, None, None]
+    r = np.arange(rows.start, rows.stop, dtype=np.float32)[None, :, None]
+    c = np.arange(cols.start, cols.stop, dtype=np.float32)[None, None, :]
+    return np.asarray(a[0] * k + a[1] * r + a[2] * c + a[3], dtype=np.float32)
+
+
+def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
+            detector_name: str) -> LesionAnalysis:
+    """Measure a lesion label volume against the lungs (see the module docstring)."""
+    if labels.shape != ct.shape or lungs.labels.shape != ct.shape:
+        raise ValueError(f"grids differ: CT {ct.shape}, lungs {lungs.labels.shape}, "
+                         f"lesions {labels.shape}")
+    lung_lab = lungs.labels.array
+    les = np.where(lung_lab > 0, labels.array, 0).astype(np.uint8)  # never outside the lungs
+    vml = ct.voxel_volume_ml
+    # per side and zone: lung, GGO and consolidation voxel counts (slab-wise LPS z)
+    found = ndi.find_objects((lung_lab > 0).astype(np.uint8))
+    z_ext = {s: (math.inf, -math.inf) for s in SIDES}
+    counts = {(s, z, what): 0 for s in SIDES for z in ZONES for what in ("lung", 1, 2)}
+    slabs: list[tuple[int, int]] = []
+    if found and found[0] is not None:
+        box = found[0]
+        step = max(1, 4_000_000 // ((box[1].stop - box[1].start) * (box[2].stop - box[2].start)))
+        slabs = [(k, min(box[0].stop, k + step)) for k in range(box[0].start, box[0].stop, step)]
+        for k0, k1 in slabs:
+            z = _slab_z(ct.affine, k0, k1, box[1], box[2])
+            lab = lung_lab[k0:k1, box[1], box[2]]
+            for s in SIDES:
+                zs = z[lab == LUNG_LABELS[s]]
+                if zs.size:
+                    lo, hi = z_ext[s]
+                    z_ext[s] = (min(lo, float(zs.min())), max(hi, float(zs.max())))
+        for k0, k1 in slabs:
+            z = _slab_z(ct.affine, k0, k1, box[1], box[2])
+            lab = lung_lab[k0:k1, box[1], box[2]]
+            ls = les[k0:k1, box[1], box[2]]
+            for s in SIDES:
+                m = lab == LUNG_LABELS[s]
+                if not m.any():
+                    continue
+                zone_idx = _zone_index(z[m], z_ext[s])
+                lsm = ls[m]
+                for zi, zone in enumerate(ZONES):
+                    inz = zone_idx == zi
+                    counts[(s, zone, "lung")] += int(np.count_nonzero(inz))
+                    counts[(s, zone, 1)] += int(np.count_nonzero(inz & (lsm == 1)))
+                    counts[(s, zone, 2)] += int(np.count_nonzero(inz & (lsm == 2)))
+    zones: list[ZoneFigure] = []
+    for s in SIDES:
+        for zone in ZONES:
+            lung_ml = counts[(s, zone, "lung")] * vml
+            inv_ml = (counts[(s, zone, 1)] + counts[(s, zone, 2)]) * vml
+            pct = 100.0 * inv_ml / lung_ml if lung_ml > 0 else 0.0
+            zones.append(ZoneFigure(s, zone, lung_ml, inv_ml, pct, severity_zone_score(pct)))
+    lung_figs: list[LungFigure] = []
+    for s in SIDES:
+        vol = sum(counts[(s, z, "lung")] for z in ZONES) * vml
+        g = sum(counts[(s, z, 1)] for z in ZONES) * vml
+        c = sum(counts[(s, z, 2)] for z in ZONES) * vml
+        lung_figs.append(LungFigure(s, vol, g, c, 100.0 * (g + c) / vol if vol > 0 else 0.0))
+    total_lung = sum(f.volume_ml for f in lung_figs)
+    total_inv = sum(f.ggo_ml + f.consolidation_ml for f in lung_figs)
+    involved_pct = 100.0 * total_inv / total_lung if total_lung > 0 else 0.0
+    findings, n_total = _findings(ct, lung_lab, les, z_ext, config.max_reported_findings)
+    severity = sum(zf.score for zf in zones)
+    n_zones = sum(1 for zf in zones if zf.score > 0)
+    bilateral = all(f.ggo_ml + f.consolidation_ml > 0 for f in lung_figs)
+    if involved_pct >= config.present_min_pct:
+        pattern = Pattern.PRESENT
+    elif involved_pct >= config.indeterminate_min_pct:
+        pattern = Pattern.INDETERMINATE
+    else:
+        pattern = Pattern.ABSENT
+    return LesionAnalysis(
+        labels=ct.with_array(les),
+        findings=findings,
+        lungs=(lung_figs[0], lung_figs[1]),
+        zones=tuple(zones),
+        involved_pct=involved_pct,
+        severity_score=severity,
+        severity_max=SEVERITY_MAX,
+        severity_scale=SEVERITY_SCALE,
+        suspicion=suspicion_score(involved_pct, n_zones, bilateral),
+        pattern=pattern,
+        detector=detector_name,
+        n_findings_total=n_total,
+    )
+
+
+def _zone_index(z: npt.NDArray[np.floating], ext: tuple[float, float]) -> npt.NDArray[np.intp]:
+    """0 upper, 1 middle, 2 lower third of the lung's own extent in LPS z (superior = +z)."""
+    lo, hi = ext
+    span = max(hi - lo, 1e-6)
+    frac = (hi - np.asarray(z, dtype=np.float64)) / span  # 0 at the apex, 1 at the base
+    return np.asarray(np.clip((frac * 3.0).astype(np.intp), 0, 2))
+
+
+def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.uint8],
+              z_ext: dict[Side, tuple[float, float]], cap: int) -> tuple[tuple[Finding, ...], int]:
+    """Connected components (26-connected) per kind, ranked by volume; the largest ``cap``."""
+    rows = []
+    found = ndi.find_objects((les > 0).astype(np.uint8))
+    if not found or found[0] is None:
+        return (), 0
+    box = found[0]  # work on the lesions' bounding box only
+    start = np.array([b.start for b in box])
+    les_b, lung_b, hu_b = les[box], lung_lab[box], ct.array[box]
+    for kind, value in LESION_LABELS.items():
+        lab, n = ndi.label(les_b == value, structure=np.ones((3, 3, 3), dtype=bool))
+        if n == 0:
+            continue
+        idx = np.nonzero(lab)
+        comp = lab[idx] - 1
+        cnt = np.bincount(comp, minlength=n)
+        hu_sum = np.bincount(comp, weights=hu_b[idx].astype(np.float64), minlength=n)
+        lps = ct.index_to_lps(np.stack(idx, axis=1) + start)
+        sums = [np.bincount(comp, weights=lps[:, a], minlength=n) for a in range(3)]
+        lo = np.full((n, 3), np.inf)
+        hi = np.full((n, 3), -np.inf)
+        for a in range(3):
+            np.minimum.at(lo[:, a], comp, lps[:, a])
+            np.maximum.at(hi[:, a], comp, lps[:, a])
+        side_votes = np.zeros((n, 3), dtype=np.int64)
+        np.add.at(side_votes, (comp, lung_b[idx].astype(np.intp)), 1)
+        for i in range(n):
+            centroid = (sums[0][i] / cnt[i], sums[1][i] / cnt[i], sums[2][i] / cnt[i])
+            side = (Side.LEFT if side_votes[i, LUNG_LABELS[Side.LEFT]]
+                    > side_votes[i, LUNG_LABELS[Side.RIGHT]] else Side.RIGHT)
+            zone = ZONES[int(_zone_index(np.array([centroid[2]]), z_ext[side])[0])]
+            rows.append((int(cnt[i]), kind, side, zone, float(hu_sum[i] / cnt[i]),
+                         centroid, tuple(lo[i]), tuple(hi[i])))
+    rows.sort(key=lambda r: -r[0])
+    vml = ct.voxel_volume_ml
+    out = tuple(
+        Finding(index=j + 1, kind=r[1], volume_ml=r[0] * vml, side=r[2], zone=r[3],
+                mean_hu=r[4], centroid_lps=tuple(float(v) for v in r[5]),  # type: ignore[arg-type]
+                bbox_min_lps=tuple(float(v) for v in r[6]),  # type: ignore[arg-type]
+                bbox_max_lps=tuple(float(v) for v in r[7]),  # type: ignore[arg-type]
+                voxel_count=r[0])
+        for j, r in enumerate(rows[:cap])
+    )
+    return out, len(rows)
+
+
+def detect_and_analyse(ct: Volume, lungs: LungMasks, config: LesionsConfig) -> LesionAnalysis:
+    """Run the configured detector and measure its output."""
+    det = detector_for(config)
+    labels = det(ct, lungs)
+    return analyse(ct, lungs, labels, config, f"{det.name} {det.version}")
