@@ -25,15 +25,15 @@ log = logging.getLogger("pipeline.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    quiet = args.command == "worklist"
     logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose
-        else logging.INFO
-        if args.command != "worklist"
-        else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # highdicom narrates every module it copies at INFO; keep our own lines readable.
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except CtscreenError as e:
