@@ -305,6 +305,9 @@ class ScreeningResult:
     study_date: str
     status: Status
     reasons: tuple[str, ...] = ()
+    # Quality warnings on an analysed study (e.g. an implausible lung mask): such a study
+    # is never shown as plainly negative.
+    warnings: tuple[str, ...] = ()
     series_uid: str = ""
     series_description: str = ""
     n_slices: int = 0

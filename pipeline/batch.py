@@ -33,6 +33,7 @@ class BatchSummary:
     skipped_unchanged: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
     stage_seconds: Counter[str] = field(default_factory=Counter)
     duration_s: float = 0.0
     outputs_written: int = 0
@@ -44,6 +45,7 @@ class BatchSummary:
             "skipped_unchanged": self.skipped_unchanged,
             "by_status": dict(self.by_status),
             "reasons": dict(self.reasons),
+            "warnings": dict(self.warnings),
             "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
             "duration_s": round(self.duration_s, 2),
             "outputs_written": self.outputs_written,
@@ -60,6 +62,8 @@ class BatchSummary:
                 lines.append(f"  {status.value:<13} {self.by_status[status.value]}")
         for reason, n in self.reasons.most_common():
             lines.append(f"    not analysed because {reason}: {n}")
+        for warning, n in self.warnings.most_common():
+            lines.append(f"    analysed, but check {warning}: {n}")
         if self.stage_seconds:
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
             lines.append(f"  time per stage (all studies): {stages}")
@@ -98,6 +102,8 @@ def run_batch(
         summary.by_status[result.status.value] += 1
         for r in result.reasons:
             summary.reasons[r] += 1
+        for w in result.warnings:
+            summary.warnings[w] += 1
         summary.stage_seconds.update(result.timings_s)
         summary.outputs_written += len(result.outputs)
         log.info(

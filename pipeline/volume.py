@@ -209,7 +209,8 @@ def stack_geometry(datasets: Sequence[pydicom.Dataset], config: VolumeConfig) ->
     ``config.max_tilt_deg``), even spacing (every step within ``max(gap_tolerance_mm,
     gap_tolerance_fraction * median)`` of the median step).
 
-    Affine columns: k = median step vector of the sorted stack (along +normal);
+    Affine columns: k = mean step vector of the sorted stack, (IPP[last] - IPP[0]) / (n - 1),
+    once every step is known to be even (along +normal);
     r = column cosine (IOP[3:6]) * PixelSpacing[0]; c = row cosine (IOP[0:3]) *
     PixelSpacing[1]; origin = IPP of slice k = 0.
     """
@@ -298,7 +299,9 @@ def stack_geometry(datasets: Sequence[pydicom.Dataset], config: VolumeConfig) ->
         )
 
     affine = np.eye(4, dtype=np.float64)
-    affine[:3, 0] = median_vector
+    # The mean step (first to last slice), not the median: with positions rounded in the
+    # header, a median step lets the far end of a long stack drift from its IPP.
+    affine[:3, 0] = overall / (n - 1)
     affine[:3, 1] = col_cos * first.spacing[0]
     affine[:3, 2] = row_cos * first.spacing[1]
     affine[:3, 3] = pos_sorted[0]

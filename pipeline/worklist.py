@@ -3,7 +3,8 @@
 Ranking (most urgent first):
   1. pattern present, by suspicion score (highest first)
   2. pattern indeterminate, by suspicion score
-  3. not analysed or failed: a human must read these; they are never shown as negative
+  3. not analysed or failed, and "absent" results that carry a quality warning (for
+     example an implausible lung mask): a human must read these; never shown as negative
   4. pattern absent, by suspicion score
 Within a group, older studies first (they have waited longest).
 """
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS studies (
     study_date TEXT NOT NULL DEFAULT '',
     status TEXT NOT NULL,
     reasons TEXT NOT NULL DEFAULT '[]',
+    warnings TEXT NOT NULL DEFAULT '[]',
     series_uid TEXT NOT NULL DEFAULT '',
     series_description TEXT NOT NULL DEFAULT '',
     n_slices INTEGER NOT NULL DEFAULT 0,
@@ -63,6 +65,7 @@ class WorklistRow:
     status: str
     flag: str
     reasons: list[str]
+    warnings: list[str]
     suspicion: float | None
     pattern: str | None
     involved_pct: float | None
@@ -80,7 +83,7 @@ class WorklistRow:
     @property
     def status_text(self) -> str:
         if self.status == Status.ANALYSED.value:
-            return "analysed"
+            return f"analysed (check: {', '.join(self.warnings)})" if self.warnings else "analysed"
         return f"not analysed: {', '.join(self.reasons) or 'unknown'}"
 
     def as_json(self) -> dict[str, Any]:
@@ -137,13 +140,14 @@ class Worklist:
             self._db.execute(
                 """
                 INSERT INTO studies (study_uid, accession_number, study_date, status, reasons,
-                    series_uid, series_description, n_slices, lung_right_ml, lung_left_ml,
+                    warnings, series_uid, series_description, n_slices, lung_right_ml, lung_left_ml,
                     involved_pct, severity_score, severity_max, suspicion, pattern, n_findings,
                     outputs, algorithm_version, fingerprint, timings, first_seen, updated_at)
-                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                 ON CONFLICT(study_uid) DO UPDATE SET
                     accession_number=excluded.accession_number, study_date=excluded.study_date,
                     status=excluded.status, reasons=excluded.reasons,
+                    warnings=excluded.warnings,
                     series_uid=excluded.series_uid,
                     series_description=excluded.series_description, n_slices=excluded.n_slices,
                     lung_right_ml=excluded.lung_right_ml, lung_left_ml=excluded.lung_left_ml,
@@ -160,6 +164,7 @@ class Worklist:
                     result.study_date,
                     result.status.value,
                     json.dumps(list(result.reasons)),
+                    json.dumps(list(result.warnings)),
                     result.series_uid,
                     result.series_description,
                     result.n_slices,
@@ -189,6 +194,9 @@ class Worklist:
                 group = 2
             else:
                 group = _GROUP.get(r["pattern"] or "", 2)
+                if group == 3 and json.loads(r["warnings"]):
+                    group = 2  # "absent" from a doubtful analysis: a human reads it
+
             return (group, -(r["suspicion"] or 0.0), r["study_date"], r["study_uid"])
 
         out = []
@@ -198,6 +206,10 @@ class Worklist:
             for o in outputs:
                 uids.setdefault(o.kind, []).append(o.sop_instance_uid)
             analysed = r["status"] == Status.ANALYSED.value
+            warnings = json.loads(r["warnings"])
+            flag = _FLAG.get(r["pattern"] or "", "?") if analysed else "NOT ANALYSED"
+            if analysed and warnings and flag == "-":
+                flag = "check"
             out.append(
                 WorklistRow(
                     rank=i,
@@ -205,8 +217,9 @@ class Worklist:
                     accession_number=r["accession_number"],
                     study_date=r["study_date"],
                     status=r["status"],
-                    flag=_FLAG.get(r["pattern"] or "", "?") if analysed else "NOT ANALYSED",
+                    flag=flag,
                     reasons=json.loads(r["reasons"]),
+                    warnings=warnings,
                     suspicion=r["suspicion"],
                     pattern=r["pattern"],
                     involved_pct=r["involved_pct"],

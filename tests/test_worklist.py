@@ -57,6 +57,21 @@ def test_ranking_groups_and_order(tmp_path: Path) -> None:
     json.dumps([r.as_json() for r in rows])
 
 
+def test_a_doubtful_negative_is_never_shown_as_negative(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    with Worklist(tmp_path / "wl.sqlite") as wl:
+        wl.record(_analysed("1.1", 0.01, Pattern.ABSENT), "a")
+        doubtful = replace(_analysed("1.2", 0.0, Pattern.ABSENT), warnings=("lung-asymmetry",))
+        wl.record(doubtful, "b")
+        wl.record(ScreeningResult("1.3", "", "20200302", Status.NOT_ANALYSED, reasons=("x",)), "c")
+        rows = wl.rows()
+    assert [r.study_uid for r in rows] == ["1.2", "1.3", "1.1"]
+    assert rows[0].flag == "check"
+    assert rows[0].status_text == "analysed (check: lung-asymmetry)"
+    assert rows[0].warnings == ["lung-asymmetry"]
+
+
 def test_record_replaces_and_done_tracks_fingerprint(tmp_path: Path) -> None:
     path = tmp_path / "wl.sqlite"
     with Worklist(path) as wl:
