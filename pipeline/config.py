@@ -94,6 +94,19 @@ class LungsConfig:
     pleural_max_area_fraction: float = 0.25  # of the slice's lung area
     pleural_min_mean_hu: float = -500.0  # hull additions must be dense (pathology or wall)
     mediastinal_margin: float = 0.0  # medial by more than this x lung width: mediastinum
+    # Mirror recovery of large dense regions (lobar consolidation / collapse), see lungs.py
+    mirror_recovery: bool = True
+    bone_min_hu: float = 200.0  # bone, for the mid-sagittal symmetry plane
+    mirror_max_yaw_deg: float = 10.0  # plane normal searched within this of LPS x
+    mirror_deficit_ratio: float = 0.5  # a slice's lung below this x its mirrored twin: deficient
+    mirror_extend_ratio: float = 0.8  # ... and the run of slices under this x around it
+    dense_max_hu: float = 150.0  # recovered tissue is between air_threshold_hu and this ...
+    fat_min_hu: float = -200.0  # ... and not fat (a band that survives an in-plane opening)
+    fat_max_hu: float = -30.0
+    mirror_min_ml: float = 10.0  # smaller recovered pieces are asymmetry, not pathology
+    # QA of the final mask (lung_mask_warnings): implausible results are flagged, not guessed
+    qa_min_side_ratio: float = 0.5  # one lung under this x the other: "lung-asymmetry"
+    qa_min_total_ml: float = 2000.0  # both lungs together under this: "lung-volume-low"
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,19 @@ classical method (:class:`ClassicalLungSegmenter`) works at a reduced in-plane r
    a hull addition is accepted when it is shallow (``pleural_max_depth_mm``) and lies on the
    costal side, i.e. not medial-anterior where the heart and mediastinum indent the lung;
 5. left and right are decided by each lung's LPS centroid x (left = larger x), never by
-   array index.
+   array index;
+6. mirror recovery of large dense regions (lobar consolidation, collapse) that the
+   threshold misses and that are too large or deep for step 4: the mid-sagittal plane is
+   fitted to the bones (ribs, spine, sternum are near symmetric; the lungs may not be);
+   where a slice's lung is much smaller than the other lung mirrored about that plane,
+   soft-tissue-density, non-fat, non-bone voxels inside the mirrored lung are added when
+   they are 3-D connected to the lung and have aerated lung of the same side inferior to
+   them in the same column (the diaphragm is close to a height map: liver, spleen and the
+   heart on it have no lung below).  See :func:`_mirror_recovery`.
 
-Fewer than ``min_lung_volume_ml`` of lung: ``NotAnalysable("no-lungs-found")``.
+Fewer than ``min_lung_volume_ml`` of lung: ``NotAnalysable("no-lungs-found")``.  An
+implausible result that is still analysable (one lung much smaller than the other, a low
+total) is reported by :func:`lung_mask_warnings` as coded warnings, for the worklist.
 """
 
 from __future__ import annotations
@@ -145,7 +155,11 @@ class ClassicalLungSegmenter:
                  np.count_nonzero(full == LUNG_LABELS[Side.RIGHT]) * ct.voxel_volume_ml,
                  np.count_nonzero(full == LUNG_LABELS[Side.LEFT]) * ct.voxel_volume_ml,
                  time.perf_counter() - t0, hu.shape, f)
-        return LungMasks(labels=ct.with_array(full), method=self.method)
+        masks = LungMasks(labels=ct.with_array(full), method=self.method)
+        warnings = lung_mask_warnings(masks, cfg)
+        if warnings:
+            log.warning("lungs: implausible lung mask: %s", ", ".join(warnings))
+        return masks
 
 
 def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.NDArray[np.uint8]:
@@ -197,6 +211,8 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
             side = Side.LEFT if _centroid_x(m, grid) > _centroid_x(other, grid) else Side.RIGHT
         repaired = _repair(m, hu, grid, cfg, side)
         out[repaired & (out == 0)] = LUNG_LABELS[side]
+    if cfg.mirror_recovery and len(lungs) == 2:
+        _mirror_recovery(out, hu, grid, cfg, airway)
     return out
 
 
@@ -374,6 +390,233 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
     res = mask.copy()
     res[sl] = out
     return res
+
+
+# --------------------------------------------------------------------------- mirror recovery
+
+
+@dataclass(frozen=True)
+class _Mirror:
+    """The mid-sagittal plane as a per-slice reflection of (row, column) indices.
+
+    ``normal`` is an LPS unit vector lying in the slice plane; the plane holds the points
+    whose offset from their slice's origin has ``offset`` mm along ``normal``.  ``rows`` /
+    ``cols`` give, for each in-plane index, the index of its mirror image (``valid`` False
+    where that falls outside the grid).  ``score`` is the bone self-overlap (0-1) at the fit.
+    """
+
+    normal: npt.NDArray[np.float64]
+    offset: float
+    score: float
+    rows: npt.NDArray[np.intp]
+    cols: npt.NDArray[np.intp]
+    valid: BoolArray
+
+    def reflect(self, mask: BoolArray) -> BoolArray:
+        """``mask`` mirrored slice by slice about the plane."""
+        return np.asarray(mask[:, self.rows, self.cols] & self.valid[None])
+
+
+def _inplane_basis(affine: npt.NDArray[np.float64]
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Orthonormal LPS vectors (ex, ey) of the slice plane: ex is LPS x projected into it."""
+    a = affine[:3, 1:3]
+    e1 = a[:, 0] / np.linalg.norm(a[:, 0])
+    e2 = a[:, 1] - (a[:, 1] @ e1) * e1
+    e2 /= np.linalg.norm(e2)
+    x = np.array([1.0, 0.0, 0.0])
+    ex = (x @ e1) * e1 + (x @ e2) * e2
+    ex /= np.linalg.norm(ex)
+    ey = np.cross(np.cross(e1, e2), ex)
+    return ex, ey
+
+
+def _symmetry_plane(hu: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], grid: _Grid,
+                    cfg: LungsConfig, bin_mm: float = 2.0) -> _Mirror | None:
+    """The mid-sagittal plane about which the thoracic bones (ribs, spine, sternum,
+    shoulder girdles) are most symmetric.
+
+    The bone voxels of the lungs' slices are projected along the slice axis onto the slice
+    plane.  For each candidate normal (``ex`` turned by up to ``mirror_max_yaw_deg``) the
+    projection is binned along the normal ``s`` and along the plane ``t``; the overlap of the
+    bone map with its reflection about ``s = d`` is sum_i H[i] H[2d - i], an
+    autoconvolution along ``s`` that one FFT gives for every ``d`` at once.  The lungs
+    themselves are not used: they are what may be asymmetric.
+    """
+    ks = np.nonzero(labels.any(axis=(1, 2)))[0]
+    if ks.size == 0:
+        return None
+    proj = np.count_nonzero(hu[ks[0]:ks[-1] + 1] > cfg.bone_min_hu, axis=0)
+    rr, cc = np.nonzero(proj)
+    if rr.size < 10:
+        log.warning("lungs: too little bone for a symmetry plane; mirror recovery skipped")
+        return None
+    w = proj[rr, cc].astype(np.float64)
+    a = grid.affine[:3, 1:3]
+    pts = np.stack([rr, cc], axis=1).astype(np.float64) @ a.T  # mm from the slice origin
+    ex, ey = _inplane_basis(grid.affine)
+    u, v = pts @ ex, pts @ ey
+    best = (-1.0, 0.0, 0.0)
+    for th in np.deg2rad(np.arange(-cfg.mirror_max_yaw_deg, cfg.mirror_max_yaw_deg + 1e-9, 1.0)):
+        s = u * np.cos(th) + v * np.sin(th)
+        t = -u * np.sin(th) + v * np.cos(th)
+        si = ((s - s.min()) / bin_mm).astype(np.intp)
+        ti = ((t - t.min()) / bin_mm).astype(np.intp)
+        ns, nt = int(si.max()) + 1, int(ti.max()) + 1
+        h = np.bincount(si * nt + ti, weights=w, minlength=ns * nt).reshape(ns, nt)
+        spec = np.fft.rfft(h, n=2 * ns, axis=0)
+        overlap = np.fft.irfft(spec * spec, n=2 * ns, axis=0).sum(axis=1)
+        j = int(np.argmax(overlap))
+        score = float(overlap[j] / (h * h).sum())
+        if score > best[0]:  # bins i + i' = j reflect into each other: centre (j + 1) / 2 bins
+            best = (score, float(th), float(s.min() + (j + 1) * bin_mm / 2.0))
+    score, th, d = best
+    n = np.cos(th) * ex + np.sin(th) * ey
+    # per-slice reflection of in-plane offsets, back to (row, column) by least squares
+    r, c = np.mgrid[0:hu.shape[1], 0:hu.shape[2]].astype(np.float64)
+    p = r[..., None] * a[:, 0] + c[..., None] * a[:, 1]
+    p -= 2.0 * ((p @ n) - d)[..., None] * n
+    rc = p @ np.linalg.pinv(a).T
+    ri, ci = np.rint(rc[..., 0]).astype(np.intp), np.rint(rc[..., 1]).astype(np.intp)
+    valid = (ri >= 0) & (ri < hu.shape[1]) & (ci >= 0) & (ci < hu.shape[2])
+    x_mid = float((grid.affine[:3, 3] + d * n)[0])
+    log.debug("lungs: symmetry plane yaw %.0f deg, through LPS x %.1f mm, bone overlap %.2f",
+              np.rad2deg(th), x_mid, score)
+    return _Mirror(n, d, score, np.where(valid, ri, 0), np.where(valid, ci, 0), valid)
+
+
+def _deficient_slices(a_own: npt.NDArray[np.intp], a_twin: npt.NDArray[np.intp],
+                      cfg: LungsConfig) -> BoolArray:
+    """Slices where a lung is much smaller than its mirrored twin, by hysteresis.
+
+    A slice is deficient when its lung area is under ``mirror_deficit_ratio`` x the twin's;
+    runs of consecutive slices under ``mirror_extend_ratio`` x the twin's that hold a
+    deficient slice are deficient too (the partly opacified slices at the border of a
+    lobar consolidation).
+    """
+    strong = a_own < cfg.mirror_deficit_ratio * a_twin
+    weak = a_own < cfg.mirror_extend_ratio * a_twin
+    runs, n = ndi.label(weak)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(runs[strong])] = True
+    keep[0] = False
+    return np.asarray(keep[runs])
+
+
+def _mirror_recovery(out: npt.NDArray[np.uint8], hu: npt.NDArray[np.float32], grid: _Grid,
+                     cfg: LungsConfig, airway: BoolArray | None) -> None:
+    """Recover a large dense region (lobar consolidation, collapse) of one lung, in place.
+
+    Where a slice's lung is smaller than ``mirror_deficit_ratio`` x the other lung mirrored
+    about the mid-sagittal plane, the missing part may be pathology of lung density close to
+    soft tissue.  There, voxels are added to that lung when they are
+
+    - inside the mirrored other lung (the expected extent of the pleural cavity);
+    - dense: from ``air_threshold_hu`` to ``dense_max_hu`` (not bone), and not fat (a
+      ``fat_min_hu``..``fat_max_hu`` band that survives an in-plane opening: mediastinal
+      and extrapleural fat);
+    - above the diaphragm: the same lung has aerated voxels further inferior in the same
+      (row, column) column.  The diaphragm is close to a height map, so liver and spleen
+      under a raised hemidiaphragm, and the heart resting on it, have no lung below them;
+    - 3-D connected to the lung.
+
+    The airways (and their walls) and bone are never added; enclosed holes of the additions'
+    slices (air bronchograms) are filled.  Each run of deficient slices is handled on its own.
+    """
+    mirror = _symmetry_plane(hu, out, grid, cfg)
+    if mirror is None:
+        return
+    for side, other in ((Side.RIGHT, Side.LEFT), (Side.LEFT, Side.RIGHT)):
+        own = out == LUNG_LABELS[side]
+        # the mirror keeps in-plane areas: the twin's area is the other lung's area
+        a_twin = np.count_nonzero(out == LUNG_LABELS[other], axis=(1, 2))
+        runs, _ = ndi.label(_deficient_slices(np.count_nonzero(own, axis=(1, 2)),
+                                                   a_twin, cfg))
+        for run in ndi.find_objects(runs):
+            if run is not None:
+                _recover_run(out, own, hu, grid, cfg, airway, mirror, side, other,
+                             run[0].start, run[0].stop)
+
+
+def _recover_run(out: npt.NDArray[np.uint8], own: BoolArray, hu: npt.NDArray[np.float32],
+                 grid: _Grid, cfg: LungsConfig, airway: BoolArray | None, mirror: _Mirror,
+                 side: Side, other: Side, k0: int, k1: int) -> None:
+    """:func:`_mirror_recovery` on one run of deficient slices ``k0:k1`` of ``side``."""
+    nk = hu.shape[0]
+    kb0, kb1 = max(0, k0 - 1), min(nk, k1 + 1)  # one slice wider: where the run meets the lung
+    twin = mirror.reflect(out[kb0:kb1] == LUNG_LABELS[other])
+    twin[: k0 - kb0] = False
+    twin[twin.shape[0] - (kb1 - k1):] = False
+    found = ndi.find_objects(twin.astype(np.uint8))
+    if not found or found[0] is None:
+        return
+    box = (slice(kb0, kb1), found[0][1], found[0][2])
+    twin = twin[:, box[1], box[2]]
+    h = hu[box]
+    own_b = own[box]
+    # same-side lung strictly inferior in the same column
+    sup_up = grid.affine[2, 0] > 0  # slice index grows towards superior
+    if sup_up:
+        seen = np.any(own[:kb0], axis=0)[box[1], box[2]]
+        below = np.logical_or.accumulate(np.concatenate([seen[None], own_b[:-1]]), axis=0)
+    else:
+        seen = np.any(own[kb1:], axis=0)[box[1], box[2]]
+        below = np.logical_or.accumulate(np.concatenate([seen[None], own_b[:0:-1]]),
+                                         axis=0)[::-1]
+    bone_or_airway = h > cfg.dense_max_hu
+    if airway is not None:
+        bone_or_airway |= ndi.binary_dilation(airway[box], structure=_INPLANE, iterations=2)
+    fat = ndi.binary_opening((h >= cfg.fat_min_hu) & (h <= cfg.fat_max_hu),
+                             structure=_INPLANE)
+    cand = (twin & (out[box] == 0) & (h >= cfg.air_threshold_hu) & ~bone_or_airway
+            & ~fat & below)
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return
+    touching = np.zeros(n + 1, dtype=bool)
+    touching[lab[ndi.binary_dilation(own_b) & (lab > 0)]] = True
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    keep = touching & (sizes * grid.voxel_ml >= cfg.mirror_min_ml)
+    keep[0] = False
+    if not keep.any():
+        return
+    rec = keep[lab]
+    filled = ndi.binary_fill_holes(own_b | rec, structure=_INPLANE)
+    add = filled & (out[box] == 0) & ~bone_or_airway
+    add[: k0 - kb0] = False
+    add[add.shape[0] - (kb1 - k1):] = False
+    view = out[box]
+    view[add] = LUNG_LABELS[side]
+    log.info("lungs: %s lung: %.0f ml of dense lung recovered from the mirrored %s lung "
+             "(slices %d-%d)", side, np.count_nonzero(add) * grid.voxel_ml, other, k0, k1 - 1)
+
+
+# --------------------------------------------------------------------------- QA
+
+
+def lung_mask_warnings(masks: LungMasks, config: LungsConfig | None = None) -> tuple[str, ...]:
+    """Coded warnings about an implausible final lung mask; empty when it looks plausible.
+
+    The segmentation is not second-guessed here: a study with such a warning must not be
+    shown as plainly negative (its involvement figures may be wrong).  Codes:
+
+    - ``lung-missing:<side>``: no voxel of that lung;
+    - ``lung-asymmetry:<side>=<ratio>``: that lung is under ``qa_min_side_ratio`` x the
+      other (ratio of the smaller to the larger volume, two decimals);
+    - ``lung-volume-low:total_ml=<ml>``: both lungs together under ``qa_min_total_ml``.
+    """
+    cfg = config or LungsConfig()
+    labels = masks.labels
+    ml = {side: float(np.count_nonzero(labels.array == LUNG_LABELS[side]) * labels.voxel_volume_ml)
+          for side in Side}
+    out: list[str] = [f"lung-missing:{side}" for side in Side if ml[side] == 0.0]
+    small, large = sorted(Side, key=lambda s: ml[s])
+    if ml[small] > 0.0 and ml[small] < cfg.qa_min_side_ratio * ml[large]:
+        out.append(f"lung-asymmetry:{small}={ml[small] / ml[large]:.2f}")
+    total = ml[Side.RIGHT] + ml[Side.LEFT]
+    if total < cfg.qa_min_total_ml:
+        out.append(f"lung-volume-low:total_ml={total:.0f}")
+    return tuple(out)
 
 
 def segmenter_for(config: LungsConfig) -> LungSegmenter:

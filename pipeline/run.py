@@ -20,7 +20,7 @@ from .artefacts import ScreeningResult, Status, StudyRef
 from .config import Config
 from .errors import NotAnalysable
 from .lesions import LesionDetector, analyse, detector_for
-from .lungs import LungSegmenter, segmenter_for
+from .lungs import LungSegmenter, lung_mask_warnings, segmenter_for
 from .report import build_report
 from .selection import select_series
 from .volume import build_volume
@@ -75,6 +75,7 @@ def run_study(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningRes
             ct, sources = build_volume(datasets, cfg.volume)
         with _timed(timings, "lungs"):
             lungs = stages.lungs(ct)
+            warnings = lung_mask_warnings(lungs, cfg.lungs)
         with _timed(timings, "lesions"):
             labels = stages.lesions(ct, lungs)
             analysis = analyse(ct, lungs, labels, cfg.lesions, stages.lesions.name)
@@ -100,6 +101,7 @@ def run_study(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningRes
     return replace(
         base,
         status=Status.ANALYSED,
+        warnings=warnings,
         lung_volume_ml=(right.volume_ml, left.volume_ml),
         involved_pct=analysis.involved_pct,
         severity_score=analysis.severity_score,

@@ -113,3 +113,22 @@ def test_deterministic_and_fast() -> None:
     assert not np.array_equal(a.array, c.array)
     assert a.array.dtype == np.int16
     assert dt < 2.0, f"expected well under a second for {shape}, took {dt:.2f} s"
+
+
+def test_lobar_consolidation_is_clipped_to_its_lung() -> None:
+    """A consolidation larger than the upper third of a lung fills it, and only it."""
+    for side, cx in ((Side.RIGHT, -70.0), (Side.LEFT, 70.0)):
+        les = LesionSpec(LesionKind.CONSOLIDATION, (cx, 5.0, 95.0), (60.0, 70.0, 50.0))
+        ml, where = inserted_volume_ml(les)
+        full = 4 / 3 * math.pi * 60 * 70 * 50 / 1000
+        assert where == side
+        assert 0.3 * full < ml < 0.8 * full  # the lung's apex clips the ellipsoid
+        ct, truth = render(PhantomSpec(lesions=(les,)), make_grid(SHAPE, SPACING, "axial"), SHAPE)
+        cons = truth.lesions.array == LESION_LABELS[LesionKind.CONSOLIDATION]
+        assert np.all(truth.lungs.array[cons] == LUNG_LABELS[side])
+        assert cons.sum() * ct.voxel_volume_ml == pytest.approx(ml, rel=0.05)
+        # the lung's top slices hold consolidation only: no aerated lung of that side
+        z = ct.index_to_lps(np.argwhere(truth.lungs.array == LUNG_LABELS[side]))[:, 2]
+        top = truth.lungs.array == LUNG_LABELS[side]
+        top &= ct.lps_grid(2) > np.percentile(z, 95)
+        assert np.all(ct.array[top] > -100)
