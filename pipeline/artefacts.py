@@ -10,12 +10,65 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import date, datetime, time
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 # ---------------------------------------------------------------- archive headers
+
+
+@dataclass(frozen=True)
+class QueryWindow:
+    """The studies a run looks at, by StudyDate/StudyTime: ``start <= t < end`` (either open).
+
+    Archives query by the date range (``StudyDate`` range matching, PS3.4 C.2.2.2.5); the
+    exact time bounds are applied to the answers by ``ingest``, because separate StudyDate
+    and StudyTime ranges do not combine into a date-time range in a C-FIND.
+    """
+
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @classmethod
+    def since(cls, day: date | None) -> QueryWindow:
+        return cls(None if day is None else datetime.combine(day, time.min))
+
+    @property
+    def unbounded(self) -> bool:
+        return self.start is None and self.end is None
+
+    def date_range(self) -> str:
+        """The StudyDate matching key: ``YYYYMMDD-YYYYMMDD``, open ends empty; '' if unbounded."""
+        if self.unbounded:
+            return ""
+        lo = self.start.strftime("%Y%m%d") if self.start else ""
+        hi = self.end.strftime("%Y%m%d") if self.end else ""
+        return f"{lo}-{hi}"
+
+    def holds(self, study_date: str, study_time: str) -> bool | None:
+        """Whether a study at this date/time is inside; None where it has no StudyDate."""
+        if not study_date:
+            return None
+        try:
+            day = datetime.strptime(study_date[:8], "%Y%m%d")
+        except ValueError:
+            return None
+        digits = "".join(ch for ch in study_time.split(".")[0] if ch.isdigit())[:6]
+        digits = digits.ljust(6, "0") if digits else "000000"
+        try:
+            t = datetime.combine(day.date(), datetime.strptime(digits, "%H%M%S").time())
+        except ValueError:
+            t = day
+        if self.start is not None and t < self.start:
+            return False
+        return not (self.end is not None and t >= self.end)
+
+    def __str__(self) -> str:
+        lo = self.start.isoformat(sep=" ") if self.start else "the beginning"
+        hi = self.end.isoformat(sep=" ") if self.end else "now"
+        return f"{lo} to {hi}"
 
 
 @dataclass(frozen=True)

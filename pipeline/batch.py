@@ -17,9 +17,10 @@ from datetime import date
 from typing import Any
 
 from .archive import Archive
-from .artefacts import ScreeningResult, Status, StudyRef
+from .artefacts import QueryWindow, ScreeningResult, Status, StudyRef
 from .errors import ArchiveError
 from .ingest import find_studies
+from .outbox import Outbox
 from .run import Stages, run_study
 from .worklist import Worklist
 
@@ -37,6 +38,10 @@ class BatchSummary:
     stage_seconds: Counter[str] = field(default_factory=Counter)
     duration_s: float = 0.0
     outputs_written: int = 0
+    window: str = ""
+    outbox_delivered: int = 0  # earlier results delivered from the outbox by this run
+    outbox_pending: int = 0  # after the run: waiting for the archive
+    outbox_refused: int = 0  # after the run: refused by the archive with a failure status
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +54,12 @@ class BatchSummary:
             "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
             "duration_s": round(self.duration_s, 2),
             "outputs_written": self.outputs_written,
+            "window": self.window,
+            "outbox": {
+                "delivered_from_earlier_runs": self.outbox_delivered,
+                "pending": self.outbox_pending,
+                "refused": self.outbox_refused,
+            },
         }
 
     def text(self) -> str:
@@ -68,6 +79,12 @@ class BatchSummary:
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
             lines.append(f"  time per stage (all studies): {stages}")
         lines.append(f"  result objects written: {self.outputs_written}")
+        if self.outbox_delivered or self.outbox_pending or self.outbox_refused:
+            lines.append(
+                f"  outbox: {self.outbox_delivered} delivered from earlier runs, "
+                f"{self.outbox_pending} waiting for the archive, "
+                f"{self.outbox_refused} refused (see `ctscreen outbox`)"
+            )
         return "\n".join(lines)
 
 
@@ -77,10 +94,18 @@ def run_batch(
     worklist: Worklist,
     since: date | None = None,
     force: bool = False,
+    window: QueryWindow | None = None,
+    outbox: Outbox | None = None,
 ) -> BatchSummary:
+    """Screen the studies of ``window`` (or on or after ``since``); with an outbox, first
+    deliver what earlier runs could not, and queue this run's results through it."""
     t0 = time.perf_counter()
-    summary = BatchSummary(archive=archive.name)
-    studies = find_studies(archive, since)
+    window = window or QueryWindow.since(since)
+    summary = BatchSummary(archive=archive.name, window=str(window))
+    if outbox is not None:
+        earlier = outbox.deliver(archive)
+        summary.outbox_delivered = len(earlier.delivered)
+    studies = find_studies(archive, window=window)
     summary.studies_found = len(studies)
     for i, study in enumerate(studies, start=1):
         fp = fingerprint(study, stages)
@@ -96,7 +121,7 @@ def run_batch(
             len(study.series),
             study.n_instances,
         )
-        result = _screen(study, archive, stages)
+        result = _screen(study, archive, stages, outbox)
         _prune_replaced(archive, worklist, result)
         worklist.record(result, fp)
         summary.by_status[result.status.value] += 1
@@ -105,7 +130,9 @@ def run_batch(
         for w in result.warnings:
             summary.warnings[w] += 1
         summary.stage_seconds.update(result.timings_s)
-        summary.outputs_written += len(result.outputs)
+        summary.outputs_written += sum(  # confirmed by the archive, not waiting in the outbox
+            1 for o in result.outputs if not o.locator.startswith("outbox:")
+        )
         log.info(
             "[%d/%d] study %s: %s %s",
             i,
@@ -114,13 +141,19 @@ def run_batch(
             result.status.value,
             ", ".join(result.reasons),
         )
+    if outbox is not None:
+        counts = outbox.counts(archive.name)
+        summary.outbox_pending = counts["pending"]
+        summary.outbox_refused = counts["refused"]
     summary.duration_s = time.perf_counter() - t0
     return summary
 
 
-def _screen(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningResult:
+def _screen(
+    study: StudyRef, archive: Archive, stages: Stages, outbox: Outbox | None
+) -> ScreeningResult:
     try:
-        return run_study(study, archive, stages)
+        return run_study(study, archive, stages, outbox)
     except ArchiveError as e:
         log.error("study %s: archive error: %s", study.study_uid, e)
         code = "archive-error"
@@ -144,6 +177,8 @@ def _prune_replaced(archive: Archive, worklist: Worklist, result: ScreeningResul
     keep = {o.sop_instance_uid for o in result.outputs}
     remove = getattr(archive, "remove", None)
     for old in worklist.outputs(result.study_uid):
+        if old.locator.startswith("outbox:"):
+            continue  # never delivered: nothing to remove from the archive
         if old.sop_instance_uid not in keep and remove is not None:
             remove(old)
             log.info("removed superseded %s %s", old.kind, old.sop_instance_uid)
@@ -157,7 +192,7 @@ def fingerprint(study: StudyRef, stages: Stages) -> str:
     """
     h = hashlib.sha256()
     h.update(stages.algorithm_version.encode())
-    h.update(repr(stages.config).encode())
+    h.update(stages.config.analysis_key().encode())
     ct_classes = set(stages.config.selection.sop_classes)
     for s in study.series:
         for inst in s.instances:

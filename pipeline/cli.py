@@ -1,8 +1,18 @@
 """The command line: the only place that parses arguments and configures logging.
 
-ctscreen run --archive DIR [--since DATE] [--config FILE] [--force] [--json]
-ctscreen worklist [--archive DIR | --worklist FILE] [--json]
+ctscreen run --archive NAME|DIR [--since DATE | --from DATETIME --to DATETIME] [--config FILE]
+             [--worklist FILE] [--force] [--json]
+ctscreen echo NAME [--config FILE]
+ctscreen listen [--config FILE] [--worklist FILE]
+ctscreen outbox [--archive NAME|DIR] [--drain] [--retry-refused] [--json]
+ctscreen worklist [--archive NAME|DIR | --worklist FILE] [--json]
 ctscreen demo [--dir DIR] [--phantom-only]
+ctscreen data import --out DIR [--semiseg DIR] [--volumes DIR] [--synthetic-from DICOM_DIR]
+ctscreen train [--config configs/train_lesions.yaml] [--resume]
+ctscreen evaluate MODEL|density DATA [--held-out-of MODEL] [--out DIR]
+ctscreen export [--run DIR] --out models/NAME [--report KEY=REPORT_JSON]
+
+``--config`` defaults to the environment variable CTSCREEN_CONFIG.
 """
 
 from __future__ import annotations
@@ -10,14 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Config, load_config
-from .errors import CtscreenError
+from .errors import ArchiveError, CtscreenError
+
+if TYPE_CHECKING:
+    from .archive import Archive
 
 log = logging.getLogger("pipeline.cli")
 
@@ -25,7 +41,7 @@ log = logging.getLogger("pipeline.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    quiet = args.command == "worklist"
+    quiet = args.command in ("worklist", "outbox", "echo")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -34,8 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         # highdicom narrates every module it copies at INFO; keep our own lines readable.
         logging.getLogger("highdicom").setLevel(logging.WARNING)
+        # pynetdicom logs every association step, and each failure twice (ours says what
+        # failed in one line); its records still reach the archive code's own handlers.
+        logging.getLogger("pynetdicom").propagate = False
     try:
         return int(args.func(args))
+    except ArchiveError as e:  # the archive, not the command, is at fault: try again later
+        print(f"ctscreen: archive error: {e}", file=sys.stderr)
+        return 3
     except CtscreenError as e:
         print(f"ctscreen: error: {e}", file=sys.stderr)
         return 2
@@ -47,21 +69,52 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
+    config_help = "YAML settings overriding the embedded defaults (default: $CTSCREEN_CONFIG)"
+    archive_help = "an archive named in the config's archives: section, or a folder of DICOM files"
     r = sub.add_parser("run", help="screen every CT study of an archive and write results back")
-    r.add_argument("--archive", required=True, help="a folder archive (any tree of DICOM files)")
+    r.add_argument("--archive", required=True, help=archive_help)
     r.add_argument(
         "--since", type=_date, help="only studies with StudyDate on or after (YYYY-MM-DD)"
     )
-    r.add_argument("--config", help="YAML settings overriding the embedded defaults")
+    r.add_argument(
+        "--from", dest="start", type=_datetime,
+        help="query window start, StudyDate/Time (YYYY-MM-DD[THH:MM])",
+    )
+    r.add_argument(
+        "--to", dest="end", type=_datetime, help="query window end, exclusive (YYYY-MM-DD[THH:MM])"
+    )
+    r.add_argument("--config", help=config_help)
     r.add_argument("--worklist", help="worklist database (default: beside the archive)")
     r.add_argument("--force", action="store_true", help="re-screen studies that are unchanged")
     r.add_argument("--json", action="store_true", help="print the run summary as JSON")
     r.set_defaults(func=_cmd_run)
 
+    e = sub.add_parser("echo", help="check that a configured archive answers (C-ECHO or QIDO)")
+    e.add_argument("name", help="an archive named in the config's archives: section")
+    e.add_argument("--config", help=config_help)
+    e.set_defaults(func=_cmd_echo)
+
+    li = sub.add_parser("listen", help="receive studies by C-STORE and screen each once complete")
+    li.add_argument("--config", help=config_help + "; its listen: section sets the node")
+    li.add_argument("--worklist", help="worklist database (default: beside the spool folder)")
+    li.set_defaults(func=_cmd_listen)
+
+    o = sub.add_parser("outbox", help="show (or deliver) results waiting for an archive")
+    o.add_argument("--archive", help=archive_help + " (default: every archive in the outbox)")
+    o.add_argument("--worklist", help="worklist database whose outbox to use")
+    o.add_argument("--config", help=config_help)
+    o.add_argument("--drain", action="store_true", help="deliver everything pending now")
+    o.add_argument(
+        "--retry-refused", action="store_true",
+        help="with --drain: also try objects the archive refused (after fixing the cause)",
+    )
+    o.add_argument("--json", action="store_true", help="items as JSON for scripts")
+    o.set_defaults(func=_cmd_outbox)
+
     w = sub.add_parser("worklist", help="print the triage worklist, most suspicious first")
     w.add_argument("--archive", help="the archive whose worklist to show")
     w.add_argument("--worklist", help="worklist database file")
-    w.add_argument("--config", help="YAML settings (for worklist.path)")
+    w.add_argument("--config", help=config_help + " (for worklist.path)")
     w.add_argument("--json", action="store_true", help="rows as JSON for scripts")
     w.set_defaults(func=_cmd_worklist)
 
@@ -70,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--shared-data", help="../shared/data, for the real LIDC-IDRI-0314 series")
     d.add_argument("--phantom-only", action="store_true", help="do not add the real series")
     d.set_defaults(func=_cmd_demo)
+    _add_model_commands(sub)
     return p
 
 
@@ -80,30 +134,78 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from e
 
 
+def _datetime(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected a date/time as YYYY-MM-DD or YYYY-MM-DDTHH:MM, got {text!r}"
+        ) from e
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or os.environ.get("CTSCREEN_CONFIG") or None)
+
+
 def worklist_path(archive: str | None, explicit: str | None, config: Config) -> Path:
-    """--worklist, else the configured path, else ``<archive>.ctscreen.sqlite`` beside it."""
+    """--worklist, else the configured path, else ``<archive>.ctscreen.sqlite`` beside a
+    folder archive, or ``./ctscreen-<NAME>.sqlite`` for a named archive."""
     if explicit:
         return Path(explicit)
     if config.worklist.path:
         return Path(config.worklist.path)
     if archive is None:
         raise CtscreenError("give --archive or --worklist (or set worklist.path in the config)")
+    if archive in config.archives:
+        a = config.archives[archive]
+        if a.kind != "folder":
+            return Path(f"ctscreen-{archive}.sqlite").resolve()
+        archive = a.path
     root = Path(archive).resolve()
     return root.parent / f"{root.name}.ctscreen.sqlite"
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def outbox_path(worklist: Path, config: Config) -> Path:
+    """``outbox.path``, else ``<worklist>.outbox`` beside the worklist."""
+    if config.outbox.path:
+        return Path(config.outbox.path)
+    return worklist.with_name(worklist.name + ".outbox")
+
+
+def _archive(name: str, config: Config) -> Archive:
+    """A named archive of the config, or a folder given by its path."""
+    from .archive import open_archive
     from .archive.folder import FolderArchive
+
+    if name in config.archives:
+        return open_archive(name, config.archives[name])
+    if Path(name).is_dir():
+        return FolderArchive(name)
+    known = ", ".join(sorted(config.archives)) or "none configured"
+    raise CtscreenError(
+        f"expected an archive named in the config ({known}) or a folder, got {name!r}"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .artefacts import QueryWindow
     from .batch import run_batch
+    from .outbox import Outbox
     from .run import Stages
     from .worklist import Worklist, format_table
 
-    config = load_config(args.config)
-    archive = FolderArchive(args.archive)
+    config = _config(args)
+    archive = _archive(args.archive, config)
+    if args.since and args.start:
+        raise CtscreenError("give --since or --from, not both")
+    window = QueryWindow(args.start, args.end) if (args.start or args.end) else None
     stages = Stages.load(config)
     wl_path = worklist_path(args.archive, args.worklist, config)
-    with Worklist(wl_path) as worklist:
-        summary = run_batch(archive, stages, worklist, since=args.since, force=args.force)
+    with Worklist(wl_path) as worklist, Outbox(outbox_path(wl_path, config), config.outbox) as ob:
+        summary = run_batch(
+            archive, stages, worklist, since=args.since, force=args.force, window=window,
+            outbox=ob,
+        )
         rows = worklist.rows()
     if args.json:
         print(json.dumps(summary.as_json(), indent=2))
@@ -113,14 +215,105 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         print()
         print(f"worklist: {wl_path}")
-        print(f"results:  {Path(args.archive).resolve() / 'ctscreen'}")
+        root = getattr(archive, "root", None)
+        print(f"results:  {root / 'ctscreen' if root is not None else archive.name}")
     return 1 if summary.by_status.get("failed") else 0
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    archive = _archive(args.name, config)
+    echo = getattr(archive, "echo", None)
+    if echo is None:
+        print(f"{archive.name}: a folder archive; nothing to echo")
+        return 0
+    try:
+        print(echo())
+    except ArchiveError as e:
+        print(f"ctscreen echo {args.name}: FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from .archive import open_archive
+    from .listen import Listener
+    from .run import Stages
+
+    config = _config(args)
+    lc = config.listen
+    results = None
+    if lc.results_archive:
+        results = open_archive(lc.results_archive, config.archive(lc.results_archive))
+    spool = Path(lc.spool or "ctscreen-spool").resolve()
+    wl_path = Path(args.worklist) if args.worklist else (
+        Path(config.worklist.path) if config.worklist.path
+        else spool.parent / f"{spool.name}.ctscreen.sqlite"
+    )
+    listener = Listener(
+        lc, Stages.load(config), wl_path, results, outbox_path(wl_path, config)
+    )
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after the study in progress", signum)
+        listener._stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    listener.serve_forever()
+    return 0
+
+
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    from .outbox import Outbox
+
+    config = _config(args)
+    wl_path = worklist_path(args.archive, args.worklist, config)
+    path = outbox_path(wl_path, config)
+    if not path.exists():
+        raise CtscreenError(f"no outbox at {path}: nothing was ever queued there")
+    status = 0
+    with Outbox(path, config.outbox) as outbox:
+        if args.drain:
+            if args.archive is None:
+                raise CtscreenError("--drain needs --archive NAME: the archive to deliver to")
+            archive = _archive(args.archive, config)
+            d = outbox.deliver(archive, due_only=False, retry_refused=args.retry_refused)
+            print(
+                f"{archive.name}: {len(d.delivered)} delivered, {len(d.pending)} still waiting"
+                f"{' (archive unavailable)' if d.archive_down else ''}, "
+                f"{len(d.refused)} refused",
+                file=sys.stderr,
+            )
+            status = 1 if d.pending or d.refused else 0
+        name = None
+        if args.archive is not None and not args.drain:
+            name = _archive(args.archive, config).name
+        elif args.drain:
+            name = archive.name
+        items = [it for it in outbox.items(name) if it.state != "delivered"]
+        counts = outbox.counts(name)
+    if args.json:
+        print(json.dumps({"counts": counts, "items": [it.__dict__ for it in items]}, indent=2))
+        return status
+    print(
+        f"outbox {path}: {counts['pending']} pending, {counts['refused']} refused, "
+        f"{counts['delivered']} delivered"
+    )
+    for it in items:
+        when = datetime.fromtimestamp(it.next_attempt).isoformat(sep=" ", timespec="seconds")
+        extra = f"status {it.status}" if it.state == "refused" else f"next try {when}"
+        print(
+            f"  {it.state:<8} {it.kind:<3} {it.archive}  study {it.study_uid}  sop {it.sop_uid}"
+            f"  attempts {it.attempts}  {extra}  {it.last_error[:120]}"
+        )
+    return status
 
 
 def _cmd_worklist(args: argparse.Namespace) -> int:
     from .worklist import Worklist, format_table
 
-    config = load_config(args.config)
+    config = _config(args)
     path = worklist_path(args.archive, args.worklist, config)
     if not path.exists():
         raise CtscreenError(f"no worklist at {path}: run `ctscreen run` on that archive first")
@@ -139,6 +332,101 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
     archive = build_demo_archive(root, shared_data=args.shared_data, phantom_only=args.phantom_only)
     return main(["run", "--archive", str(archive), "--force"])
+
+
+
+# --------------------------------------------------------------------------- the lesion model
+
+
+def _add_model_commands(sub: Any) -> None:
+    """ctscreen data import | train | evaluate | export (the learned lesion model, issue 4)."""
+    da = sub.add_parser("data", help="training / evaluation data").add_subparsers(
+        dest="data_command", required=True)
+    di = da.add_parser("import", help="build a lesion dataset from annotated slices, volumes "
+                       "and synthetic insertion")
+    di.add_argument("--out", required=True, help="new dataset folder")
+    di.add_argument("--semiseg", action="append", default=[],
+                    help="folder with Imgs/*.jpg + GT/*.png (8-bit annotated slices)")
+    di.add_argument("--volumes", action="append", default=[],
+                    help="folder SITE/CASE/{image.nii.gz|image/, label.nii.gz|seg.dcm}")
+    di.add_argument("--synthetic-from", help="a lesion-free real CT series (DICOM folder)")
+    di.add_argument("--synthetic-cases", type=int, default=8)
+    di.add_argument("--seed", type=int, default=0)
+    di.set_defaults(func=_cmd_data_import)
+
+    t = sub.add_parser("train", help="train the lesion model (needs the train extra)")
+    t.add_argument("--config", default="configs/train_lesions.yaml")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score a lesion model or the density baseline")
+    ev.add_argument("model", help="a model folder (models/NAME) or 'density'")
+    ev.add_argument("data", help="a dataset, or a folder in any import layout")
+    ev.add_argument("--held-out-of", help="also leave out the cases this model folder saw")
+    ev.add_argument("--min-lesion-mm2", type=float, default=20.0)
+    ev.add_argument("--bootstrap", type=int, default=2000)
+    ev.add_argument("--out", help="write report.json and report.md here")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    ex = sub.add_parser("export", help="checkpoint -> model.onnx, model.yaml, MODEL_CARD.md")
+    ex.add_argument("--run", default="work/train-lesions", help="training run folder")
+    ex.add_argument("--out", required=True, help="model folder, e.g. models/NAME")
+    ex.add_argument("--report", action="append", default=[], metavar="KEY=REPORT_JSON",
+                    help="attach an evaluation (e.g. model=..., baseline=...)")
+    ex.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    ex.set_defaults(func=_cmd_export)
+
+
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from .train.dataset import import_into
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CtscreenError(f"{out} is not empty: choose a new folder for the dataset")
+    ds = import_into(out, [Path(p) for p in args.semiseg], [Path(p) for p in args.volumes],
+                     Path(args.synthetic_from) if args.synthetic_from else None,
+                     args.synthetic_cases, args.seed)
+    print(f"{len(ds.records)} cases in {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_train_config
+    from .train.loop import train
+
+    run = train(load_train_config(args.config), resume=args.resume)
+    print(f"checkpoints in {run}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .train.dataset import open_dataset
+    from .train.evaluate import evaluate, report_markdown, write_report
+
+    with tempfile.TemporaryDirectory(prefix="ctscreen-eval-") as tmp:
+        ds = open_dataset(args.data, Path(tmp))
+        report = evaluate(args.model, ds, args.held_out_of, args.min_lesion_mm2,
+                          n_boot=args.bootstrap)
+    if args.out:
+        write_report(report, Path(args.out))
+    print(report_markdown(report))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .train.export import export_model
+
+    reports = {}
+    for item in args.report:
+        key, _, path = item.partition("=")
+        if not path:
+            raise CtscreenError(f"--report: expected KEY=REPORT_JSON, got {item!r}")
+        reports[key] = Path(path)
+    path = export_model(Path(args.run), Path(args.out), reports, checkpoint=args.checkpoint)
+    print(f"exported {path}")
+    return 0
 
 
 if __name__ == "__main__":

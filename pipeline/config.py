@@ -75,6 +75,8 @@ class VolumeConfig:
     max_tilt_deg: float = 0.5  # slice stack vs. slice normal; more is refused (gantry tilt)
     hu_min: int = -1024  # padding outside the reconstruction circle is set to this
     hu_max: int = 3071
+    # Processes that decode compressed slices in parallel: 0 = one per CPU core, 1 = none.
+    decode_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,12 @@ class LungsConfig:
 
 @dataclass(frozen=True)
 class LesionsConfig:
-    detector: str = "density"
+    detector: str = "density"  # "density" (classical baseline) or "onnx" (a learned model)
+    # detector "onnx": the model folder (model.onnx + model.yaml); a relative path is looked
+    # up from the working directory, then from the repository root
+    model: str = "models/covid-lesions-unet2d"
+    threads: int = 2  # onnxruntime intra-op threads
+    batch_slices: int = 16  # axial slices per onnxruntime call
     max_reported_findings: int = 20  # the largest N are reported one by one
     # Study-level pattern: involvement of both lungs together, in percent.
     present_min_pct: float = 1.0
@@ -145,6 +152,74 @@ class WorklistConfig:
     path: str = ""
 
 
+ARCHIVE_KINDS = ("dimse", "dicomweb", "folder")
+RETRIEVE_METHODS = ("c-get", "c-move")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS towards an archive (DIMSE over TLS, or HTTPS).  Paths to PEM files."""
+
+    enabled: bool = False
+    ca_file: str = ""  # trust these CAs (empty: the system's)
+    cert_file: str = ""  # our client certificate, where the archive asks for one
+    key_file: str = ""
+    server_hostname: str = ""  # name to check in the archive's certificate (default: host)
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """One named archive under ``archives:``.  Credentials never live in the file: the
+    config names the environment variable that holds them (``password_env``)."""
+
+    kind: str = "dimse"  # dimse | dicomweb | folder
+    # DIMSE
+    host: str = ""
+    port: int = 104
+    called_ae: str = ""  # the archive's AE title
+    calling_ae: str = "CTSCREEN"  # ours, as registered in the archive
+    retrieve: str = "c-get"  # c-get | c-move
+    move_destination: str = ""  # C-MOVE: our AE title as the archive knows it (default calling_ae)
+    move_port: int = 0  # C-MOVE: the port our temporary storage SCP listens on
+    # DICOMweb
+    url: str = ""  # base URL of the DICOMweb service (QIDO, WADO and STOW under it)
+    username: str = ""
+    password_env: str = ""  # name of the environment variable that holds the password
+    token_env: str = ""  # name of the environment variable that holds a bearer token
+    # folder
+    path: str = ""
+    # all kinds
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    timeout_s: float = 30.0  # connect / response timeout
+    # Attempts to retrieve a series when the archive delivers fewer instances than it
+    # announced; after these the study is "not analysed: incomplete-retrieval:N/M" and is
+    # retried on the next run.
+    retrieve_attempts: int = 2
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """``ctscreen listen``: a C-STORE SCP that screens each study once it is complete."""
+
+    ae_title: str = "CTSCREEN"
+    bind_address: str = "127.0.0.1"  # 0.0.0.0 to accept from the network
+    port: int = 11112
+    allowed_calling_aes: tuple[str, ...] = ()  # empty refuses every association
+    spool: str = ""  # where received instances are written; empty: ./ctscreen-spool
+    stability_timeout_s: float = 30.0  # a study is complete when nothing arrived for this long
+    results_archive: str = ""  # name under archives: where results go; empty: the spool folder
+    delete_after_screening: bool = True  # drop received files of a screened study
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """Results waiting for delivery.  Empty path: ``<worklist>.outbox`` beside the worklist."""
+
+    path: str = ""
+    backoff_initial_s: float = 60.0
+    backoff_max_s: float = 3600.0
+
+
 @dataclass(frozen=True)
 class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -153,6 +228,74 @@ class Config:
     lesions: LesionsConfig = field(default_factory=LesionsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    archives: dict[str, ArchiveConfig] = field(default_factory=dict)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+
+    def archive(self, name: str) -> ArchiveConfig:
+        """The archive configured under ``name``, or a ConfigError naming the known ones."""
+        try:
+            return self.archives[name]
+        except KeyError:
+            known = ", ".join(sorted(self.archives)) or "none"
+            raise ConfigError(
+                f"expected an archive named in the config's archives: section ({known}), "
+                f"got {name!r}"
+            ) from None
+
+    def analysis_key(self) -> str:
+        """What the screening result depends on (for fingerprints): not where archives are."""
+        return repr((self.selection, self.volume, self.lungs, self.lesions, self.report))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of the 2D lesion model (``configs/train_lesions.yaml``); see pipeline/train."""
+
+    dataset: str = "work/lesions-dataset"  # made by `ctscreen data import`
+    out: str = "work/train-lesions"  # checkpoints, splits.json, log
+    name: str = "covid-lesions-unet2d"
+    version: str = "1.0.0"
+    seed: int = 0
+    # case-level split of the cases without a fixed split, per site (stratified)
+    val_fraction: float = 0.12
+    test_fraction: float = 0.25
+    # preprocessing, written into model.yaml so inference reads the same values
+    spacing_mm: float = 1.5  # in-plane pixel size the model sees
+    hu_window: tuple[float, float] = (-1100.0, 300.0)  # clipped, then scaled to 0..1
+    margin_mm: float = 10.0  # around the lungs' bounding box at inference
+    min_lesion_mm2: float = 20.0  # smaller predicted pieces (per slice) are dropped
+    min_lesion_ml: float = 0.3  # ... and in a stack of slices, smaller lesions (as density)
+    # network: MONAI BasicUNet (2D), 3 classes
+    features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
+    # optimisation
+    patch: int = 128
+    batch_size: int = 16
+    epochs: int = 30
+    iterations_per_epoch: int = 50
+    learning_rate: float = 0.002
+    weight_decay: float = 0.0001
+    positive_fraction: float = 0.6  # patches centred on a lesion pixel
+    annotated_2d_fraction: float = 0.5  # share of patches from annotated 2D slices
+    negative_slices_per_volume: int = 40  # lesion-free slices kept per volume case
+    device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda"
+    # CPU threads for torch; 0: all cores but one.  On a 2-core machine shared with other
+    # jobs, 2 threads ran 5-8x slower than 1 (OpenMP threads waiting on a busy core).
+    threads: int = 0
+
+
+def load_train_config(path: str | Path | None = None) -> TrainConfig:
+    """The embedded training defaults, overridden by the YAML file at ``path`` where given."""
+    if path is None:
+        return TrainConfig()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from e
+    return from_mapping(TrainConfig, raw or {}, where=p.name)
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -168,7 +311,37 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"config {p} is not valid YAML: {e}") from e
     if raw is None:
         raw = {}
-    return from_mapping(Config, raw, where=p.name)
+    config = from_mapping(Config, raw, where=p.name)
+    for name, a in config.archives.items():
+        _check_archive(name, a, p.name)
+    return config
+
+
+def _check_archive(name: str, a: ArchiveConfig, where: str) -> None:
+    at = f"{where}: archives.{name}"
+    if a.kind not in ARCHIVE_KINDS:
+        raise ConfigError(f"{at}.kind: expected one of {list(ARCHIVE_KINDS)}, got {a.kind!r}")
+    if a.kind == "dimse":
+        if not a.host or not a.called_ae:
+            raise ConfigError(f"{at}: a dimse archive needs host and called_ae")
+        if a.retrieve not in RETRIEVE_METHODS:
+            raise ConfigError(
+                f"{at}.retrieve: expected one of {list(RETRIEVE_METHODS)}, got {a.retrieve!r}"
+            )
+        if a.retrieve == "c-move" and not a.move_port:
+            raise ConfigError(f"{at}: C-MOVE needs move_port (where our storage SCP listens)")
+        for ae in (a.called_ae, a.calling_ae, a.move_destination):
+            if len(ae) > 16:
+                raise ConfigError(f"{at}: expected AE titles of at most 16 characters, got {ae!r}")
+    if a.kind == "dicomweb" and not a.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{at}.url: expected an http(s) URL, got {a.url!r}")
+    if a.kind == "folder" and not a.path:
+        raise ConfigError(f"{at}: a folder archive needs path")
+    if a.password_env and not a.password_env.replace("_", "").isalnum():
+        raise ConfigError(
+            f"{at}.password_env: expected the NAME of an environment variable, "
+            "not a password; got something else"
+        )
 
 
 def from_mapping(cls: type[T], data: Any, where: str) -> T:
@@ -195,6 +368,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {
+            _coerce(kt, k, f"{where}"): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -29,6 +29,10 @@ class NotAnalysable(CtscreenError):
         self.message = message or code
         super().__init__(f"{code}: {self.message}" if message else code)
 
+    def __reduce__(self) -> tuple[type[NotAnalysable], tuple[str, str]]:
+        # Keeps code and message apart when a refusal crosses a process boundary.
+        return (type(self), (self.code, self.message))
+
 
 class ArchiveError(CtscreenError):
     """The archive could not be read or written (I/O, network, refused store)."""
@@ -36,3 +40,17 @@ class ArchiveError(CtscreenError):
 
 class ModelError(CtscreenError):
     """A model file is missing, its hash does not match its model.yaml, or it will not load."""
+
+
+class ArchiveUnavailable(ArchiveError):
+    """The archive could not be reached or stopped answering (refused connection, timeout,
+    TLS failure, aborted association): worth trying again later."""
+
+
+class StoreRefused(ArchiveError):
+    """The archive answered a store with a failure status: trying the same object again
+    unchanged will fail the same way, so it is recorded, not retried blindly."""
+
+    def __init__(self, status: int | str, message: str) -> None:
+        self.status = status
+        super().__init__(message)

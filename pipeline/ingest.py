@@ -17,35 +17,42 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from .archive import Archive
-from .artefacts import InstanceHeader, SeriesRef, StudyRef
+from .artefacts import InstanceHeader, QueryWindow, SeriesRef, StudyRef
 
 log = logging.getLogger(__name__)
 
 NO_UID_PREFIX = "no-uid-"
 
 
-def find_studies(archive: Archive, since: date | None = None) -> list[StudyRef]:
-    """All studies of the archive whose StudyDate is on or after ``since``.
+def find_studies(
+    archive: Archive, since: date | None = None, window: QueryWindow | None = None
+) -> list[StudyRef]:
+    """All studies of the archive inside the query window (or on or after ``since``).
 
     A study without a StudyDate is kept (and logged): dropping it would lose it silently.
     """
-    studies = group_studies(archive.headers())
-    if since is None:
+    if window is None:
+        window = QueryWindow.since(since)
+    studies = group_studies(archive.headers(window), query_based=archive.query_based)
+    if window.unbounded:
         return studies
-    stamp = since.strftime("%Y%m%d")
     kept = []
     for s in studies:
-        if not s.study_date:
-            log.info("study %s has no StudyDate; kept despite --since", s.study_uid)
+        inside = window.holds(s.study_date, s.study_time)
+        if inside is None:
+            log.info("study %s has no StudyDate; kept despite the query window", s.study_uid)
             kept.append(s)
-        elif s.study_date >= stamp:
+        elif inside:
             kept.append(s)
-    log.info("%d of %d studies on or after %s", len(kept), len(studies), since.isoformat())
+    log.info("%d of %d studies from %s", len(kept), len(studies), window)
     return kept
 
 
-def instance_header(ds: Dataset, locator: str) -> InstanceHeader:
+def instance_header(ds: Dataset, locator: str, query_based: bool = False) -> InstanceHeader:
     """Pick what selection needs out of one header dataset.
+
+    ``query_based``: the dataset is a query answer (C-FIND identifier, QIDO or WADO-RS
+    metadata), which never carries pixel data; an image is then known by Rows and Columns.
 
     Where the dataset's SOP Class/Instance UID is empty but the file meta holds one
     (seen in anonymised exports), the file meta value is used: PS3.10 7.1 requires the
@@ -85,12 +92,15 @@ def instance_header(ds: Dataset, locator: str) -> InstanceHeader:
         accession_number=_text(ds, "AccessionNumber"),
         has_pixel_data=any(
             t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-        ),
+        )
+        or (query_based and bool(_int(ds, "Rows")) and bool(_int(ds, "Columns"))),
         number_of_frames=_int(ds, "NumberOfFrames") or 1,
     )
 
 
-def group_studies(items: Iterable[tuple[Dataset, str]]) -> list[StudyRef]:
+def group_studies(
+    items: Iterable[tuple[Dataset, str]], query_based: bool = False
+) -> list[StudyRef]:
     """Group (header, locator) pairs by study and series, in a stable order.
 
     Instances without a StudyInstanceUID (or SeriesInstanceUID) cannot be written back
@@ -99,7 +109,7 @@ def group_studies(items: Iterable[tuple[Dataset, str]]) -> list[StudyRef]:
     """
     by_study: dict[str, dict[str, list[InstanceHeader]]] = defaultdict(lambda: defaultdict(list))
     for ds, locator in items:
-        h = instance_header(ds, locator)
+        h = instance_header(ds, locator, query_based)
         folder = locator.rsplit("/", 1)[0]
         study_key = h.study_uid or NO_UID_PREFIX + _short_hash(folder)
         series_key = h.series_uid or NO_UID_PREFIX + _short_hash(folder + "|" + h.modality)

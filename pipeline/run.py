@@ -21,6 +21,7 @@ from .config import Config
 from .errors import NotAnalysable
 from .lesions import LesionDetector, analyse, detector_for
 from .lungs import LungSegmenter, lung_mask_warnings, segmenter_for
+from .outbox import Outbox
 from .report import build_report
 from .selection import select_series
 from .volume import build_volume
@@ -46,8 +47,11 @@ class Stages:
         return cls(config, segmenter_for(config.lungs), detector_for(config.lesions))
 
 
-def run_study(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningResult:
-    """Screen one study and write its results back; never raises NotAnalysable."""
+def run_study(
+    study: StudyRef, archive: Archive, stages: Stages, outbox: Outbox | None = None
+) -> ScreeningResult:
+    """Screen one study and write its results back (through ``outbox`` where given: what
+    the archive cannot take now waits there); never raises NotAnalysable."""
     cfg = stages.config
     timings: dict[str, float] = {}
     base = ScreeningResult(
@@ -96,6 +100,7 @@ def run_study(study: StudyRef, archive: Archive, stages: Stages) -> ScreeningRes
         outputs = write_back(
             archive,
             [("seg", objects.seg), ("sr", objects.sr)] + [("sc", d) for d in objects.key_images],
+            outbox,
         )
     right, left = analysis.lungs
     return replace(

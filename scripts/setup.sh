@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv and installs ctscreen into it; with --test also the test tools
-# (Python extras and the Debian package dicom3tools, which provides dciodvfy).
+# (Python extras and Debian packages: dicom3tools for dciodvfy; orthanc, orthanc-dicomweb and
+# orthanc-gdcm, the real PACS the tests start on loopback with their own configuration;
+# dcmtk, whose storescu/findscu are the independent DICOM implementation the tests talk to).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,10 @@ if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
     missing=()
     command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+    [[ -x /usr/sbin/Orthanc ]] || missing+=(orthanc)
+    [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || missing+=(orthanc-dicomweb)
+    [[ -f /usr/share/orthanc/plugins/libOrthancGdcm.so ]] || missing+=(orthanc-gdcm)
+    command -v storescu >/dev/null && command -v findscu >/dev/null || missing+=(dcmtk)
     if ((${#missing[@]})); then
         echo "installing Debian packages: ${missing[*]}"
         sudo_cmd=""
@@ -23,4 +29,8 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 # constraints.txt pins torch (a newer or unpinned torch would pull a CUDA build of GBs).
+# With the test (and train) extras torch goes in first, on its own, before monai.
+if [[ -n "$extras" ]]; then
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+fi
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-.venv/bin/ruff check pipeline tests
+.venv/bin/ruff check pipeline tests bench scripts
 .venv/bin/mypy
 .venv/bin/pytest "$@"

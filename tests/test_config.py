@@ -46,3 +46,34 @@ def test_bad_files_are_refused_with_a_reason(tmp_path: Path, text: str, message:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_site_example_names_archives_and_no_secrets() -> None:
+    cfg = load_config(REPO / "configs" / "site-example.yaml")
+    assert set(cfg.archives) == {"pacs", "pacs-web", "orthanc", "orthanc-web"}
+    assert cfg.archive("pacs").kind == "dimse" and cfg.archive("pacs").called_ae == "MAINPACS"
+    assert cfg.archive("pacs-web").password_env == "CTSCREEN_PACS_PASSWORD"
+    assert cfg.listen.allowed_calling_aes == ("MAINPACS",)
+    assert cfg.listen.results_archive in cfg.archives
+    with pytest.raises(ConfigError, match="expected an archive named"):
+        cfg.archive("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("archives:\n  a: {kind: ftp}\n", "expected one of"),
+        ("archives:\n  a: {kind: dimse, host: h}\n", "needs host and called_ae"),
+        ("archives:\n  a: {kind: dimse, host: h, called_ae: X, retrieve: c-move}\n", "move_port"),
+        ("archives:\n  a: {kind: dicomweb, url: pacs.example.org}\n", "http"),
+        ("archives:\n  a: {kind: dicomweb, url: 'http://x', password_env: 'hunter 2!'}\n",
+         "NAME of an environment variable"),
+        ("archives:\n  a: {kind: dimse, host: h, called_ae: X, bogus: 1}\n", "unknown key"),
+        ("archives: [a]\n", "expected a mapping"),
+    ],
+)
+def test_bad_archives_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)

@@ -115,3 +115,24 @@ def test_results_never_written_outside_the_root(tmp_path: Path) -> None:
     assert Path(loc).parent.parent == tmp_path / "ctscreen"
     assert archive.contains(ds.StudyInstanceUID, ds.SOPInstanceUID)
     assert not list(tmp_path.rglob(".ctscreen-tmp*"))
+
+
+def test_a_malformed_value_is_dropped_not_raised_later(tmp_path: Path) -> None:
+    """pydicom converts values lazily; a malformed one must not blow up inside a stage."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.errors import BytesLengthException
+    from pydicom.tag import Tag
+
+    p = _ct(tmp_path, "a", generate_uid(), generate_uid(), 0)
+    ds = pydicom.dcmread(p)
+    # Rows (US) stored with 3 bytes: invalid, found only when the value is converted
+    rows = Tag(0x00280010)
+    ds._dict[rows] = RawDataElement(rows, "US", 3, b"\x01\x02\x03", 0, False, True)
+    ds.save_as(p, enforce_file_format=True)
+    raw = pydicom.dcmread(p, defer_size=4096)
+    with pytest.raises(BytesLengthException):  # what a stage would have met
+        raw.get("Rows")
+    ((header, _),) = list(FolderArchive(tmp_path).headers())
+    assert "Rows" not in header  # dropped and logged, so selection sees a missing tag
+    (study,) = find_studies(FolderArchive(tmp_path))
+    assert study.series[0].first.rows is None

@@ -3,14 +3,25 @@
 An archive yields header datasets (no pixel data) with a locator, loads whole series for
 analysis, and stores result objects.  Everything that touches files or the network lives
 behind this protocol; the stages never do I/O.
+
+Kinds: ``folder`` (any tree of DICOM files), ``dimse`` (C-FIND, C-GET/C-MOVE, C-STORE with
+pynetdicom) and ``dicomweb`` (QIDO-RS, WADO-RS, STOW-RS with dicomweb-client).  A DICOM
+archive answers queries, not files: it looks at studies of the query window only, asks
+for their series first, and reads instance headers of the CT image series only, so a
+night's batch never pulls headers or pixels of series that selection cannot use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom.dataset import Dataset
+
+from ..artefacts import QueryWindow
+
+if TYPE_CHECKING:
+    from ..config import ArchiveConfig
 
 
 class Archive(Protocol):
@@ -19,19 +30,57 @@ class Archive(Protocol):
         """A short label for logs and the worklist (never a credential)."""
         ...
 
-    def headers(self) -> Iterator[tuple[Dataset, str]]:
-        """Every instance's header dataset and its locator; pixel data not read."""
+    @property
+    def query_based(self) -> bool:
+        """True where headers come from a query (C-FIND, QIDO, metadata) rather than files:
+        they carry no pixel data, so its presence is judged from Rows/Columns."""
+        ...
+
+    def headers(self, window: QueryWindow | None = None) -> Iterator[tuple[Dataset, str]]:
+        """Every candidate instance's header dataset and its locator; pixel data not read.
+        A query-based archive may restrict itself to ``window`` and to CT image series."""
         ...
 
     def load(self, locators: Sequence[str]) -> list[Dataset]:
-        """Whole datasets (with pixel data) for ``locators``, in that order."""
+        """Whole datasets (with pixel data) for ``locators``, in that order.  Raises
+        NotAnalysable("incomplete-retrieval:<got>/<expected>") when fewer arrive."""
         ...
 
     def store(self, ds: Dataset) -> str:
         """Store one dataset, replacing an instance with the same SOP Instance UID;
-        returns its locator once the archive has it."""
+        returns its locator once the archive has it.  Raises StoreRefused when the archive
+        answers with a failure status, ArchiveUnavailable when it cannot be reached."""
         ...
 
     def contains(self, study_uid: str, sop_instance_uid: str) -> bool:
         """Whether the archive confirms it holds this instance (delivery check)."""
         ...
+
+
+def open_archive(name: str, config: ArchiveConfig) -> Archive:
+    """The archive described by ``config`` (one entry of the config's ``archives:``)."""
+    if config.kind == "dimse":
+        from .dimse import DimseArchive
+
+        return DimseArchive(name, config)
+    if config.kind == "dicomweb":
+        from .dicomweb import DicomWebArchive
+
+        return DicomWebArchive(name, config)
+    from .folder import FolderArchive
+
+    return FolderArchive(config.path)
+
+
+def locator(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The locator of an instance in a DICOM archive: its three UIDs."""
+    return f"{study_uid}/{series_uid}/{sop_uid}"
+
+
+def split_locator(loc: str) -> tuple[str, str, str]:
+    parts = loc.split("/")
+    if len(parts) != 3 or not all(parts):
+        from ..errors import ArchiveError
+
+        raise ArchiveError(f"expected a locator STUDY/SERIES/SOP (three UIDs), got {loc[:120]!r}")
+    return parts[0], parts[1], parts[2]

@@ -12,15 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from ..artefacts import OutputRef
+from ..artefacts import OutputRef, QueryWindow
 from ..errors import ArchiveError, NotAnalysable
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,34 @@ READ_ERRORS = (
     AttributeError,
     IndexError,
     OverflowError,
+    NotImplementedError,
+    BytesLengthException,
+    struct.error,
+    RecursionError,
 )
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def drop_unparseable(ds: Dataset, name: str) -> None:
+    """Parse every element now (pydicom converts values lazily, on first access), so that a
+    malformed value cannot raise later inside a stage; elements that do not parse are
+    removed and logged by tag (never by value).  Sequences are walked iteratively, so deep
+    nesting cannot exhaust the stack.  Pixel data is left for the volume stage to judge."""
+    stack: list[Dataset] = [ds]
+    while stack:
+        current = stack.pop()
+        for tag in list(current.keys()):
+            if tag in _PIXEL_TAGS:
+                continue
+            try:
+                elem = current[tag]
+                if elem.VR == "SQ":
+                    stack.extend(item for item in elem.value if isinstance(item, Dataset))
+                else:
+                    _ = elem.value
+            except READ_ERRORS as e:
+                log.info("%s: dropped unparseable element %s (%s)", name, tag, type(e).__name__)
+                del current[tag]
 
 
 class FolderArchive:
@@ -54,7 +82,12 @@ class FolderArchive:
     def name(self) -> str:
         return f"folder:{self.root.name}"
 
-    def headers(self) -> Iterator[tuple[Dataset, str]]:
+    @property
+    def query_based(self) -> bool:
+        return False
+
+    def headers(self, window: QueryWindow | None = None) -> Iterator[tuple[Dataset, str]]:
+        """Every file's header (``window`` is applied by ingest: files carry no index)."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
             for fn in sorted(filenames):
@@ -69,6 +102,7 @@ class FolderArchive:
         rel = path.relative_to(self.root)
         try:
             ds = pydicom.dcmread(path, defer_size=_DEFER)
+            drop_unparseable(ds, str(rel))
         except READ_ERRORS as e:
             log.info("skipped %s: not a readable DICOM file (%s)", rel, type(e).__name__)
             return None
@@ -85,6 +119,7 @@ class FolderArchive:
         for loc in locators:
             try:
                 ds = pydicom.dcmread(loc)
+                drop_unparseable(ds, Path(loc).name)
             except READ_ERRORS as e:
                 raise NotAnalysable(
                     "unreadable-instance",

@@ -1,0 +1,216 @@
+"""Screening studies from a real PACS (Orthanc) through both doors, results written back.
+
+DIMSE (C-FIND, C-GET / C-MOVE, C-STORE) and DICOMweb (QIDO-RS, WADO-RS, STOW-RS) against
+a real Orthanc on loopback; the real LIDC-IDRI-0314 series end to end; phantom studies
+stored compressed (JPEG-LS, JPEG 2000 lossless) retrieved as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from conftest import site_config
+from orthanc import Orthanc
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+
+from pipeline.archive import open_archive
+from pipeline.artefacts import QueryWindow
+from pipeline.batch import run_batch
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.demo import DEMO_SHAPE, DEMO_SPACING
+from pipeline.ingest import find_studies
+from pipeline.outbox import Outbox
+from pipeline.phantom.dicom import derive_uid, write_ct_series
+from pipeline.phantom.model import PhantomSpec, make_grid, render
+from pipeline.run import Stages
+from pipeline.worklist import Worklist
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SC = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+# The phantoms' StudyDate/Time (2020-03-01 02:00): runs on it leave other studies alone.
+PHANTOM_NIGHT = QueryWindow(datetime(2020, 2, 29, 18), datetime(2020, 3, 1, 7))
+LIDC_STUDY = "1.3.6.1.4.1.14519.5.2.1.6279.6001.265704884949271879044145982159"
+
+
+def result_counts(orthanc: Orthanc, study_uid: str) -> dict[str, int]:
+    """Instances per kind in the study: ct, sr, seg, sc (and series per kind)."""
+    out = {"ct": 0, "sr": 0, "seg": 0, "sc": 0, "other": 0, "series": 0}
+    for cls, counts in orthanc.series_by_class(study_uid).items():
+        kind = (
+            "ct" if cls == CT else "sr" if cls == SR else "seg" if cls == SEG
+            else "sc" if cls in SC else "other"
+        )
+        out[kind] += sum(counts)
+        out["series"] += len(counts)
+    return out
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, Any]:
+    capsys.readouterr()
+    rc = main(args)
+    out = capsys.readouterr().out
+    try:
+        return rc, json.loads(out)
+    except json.JSONDecodeError:
+        return rc, out
+
+
+# ---------------------------------------------------------------- phantom studies
+
+_PHANTOM: dict[int, Any] = {}
+
+
+def write_phantom(folder: Path, seed: int, transfer_syntax: str = ExplicitVRLittleEndian,
+                  with_lesions: bool = True, study_date: str = "20200301") -> str:
+    """A 200-slice chest phantom as one CT series in ``transfer_syntax``; its study UID."""
+    if seed not in _PHANTOM:
+        spec = PhantomSpec(seed=seed) if with_lesions else PhantomSpec(seed=seed, lesions=())
+        affine = make_grid(DEMO_SHAPE, DEMO_SPACING, "axial")
+        _PHANTOM[seed] = render(spec, affine, DEMO_SHAPE, slice_thickness_mm=DEMO_SPACING[0])[0]
+    study_uid = derive_uid(seed, "pacs-study")
+    write_ct_series(
+        _PHANTOM[seed],
+        folder,
+        study_uid=study_uid,
+        series_uid=derive_uid(seed, "pacs-series"),
+        accession_number=f"PACS{seed}",
+        patient_id=f"PACS-{seed:03d}",
+        patient_name=f"Pacs^Phantom{seed}",
+        study_date=study_date,
+        slice_thickness=DEMO_SPACING[0],
+        transfer_syntax=transfer_syntax,
+        seed=seed,
+    )
+    return study_uid
+
+
+# ---------------------------------------------------------------- LIDC end to end
+
+@pytest.fixture(scope="module")
+def lidc_in_orthanc(orthanc: Orthanc, shared_data: Path) -> Iterator[str]:
+    files = sorted((shared_data / "chest-ct" / "lidc-idri-0314").glob("*.dcm"))
+    assert len(files) == 275
+    orthanc.upload(files)
+    yield LIDC_STUDY
+    orthanc.delete_study(LIDC_STUDY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("door", ["pacs", "pacs-web"])
+def test_lidc_through_each_door(
+    door: str,
+    orthanc: Orthanc,
+    lidc_in_orthanc: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found by C-FIND / QIDO, retrieved by C-GET / WADO, screened, SR + SEG + SC stored
+    back by C-STORE / STOW into the same study; a second run adds nothing."""
+    orthanc.delete_results(lidc_in_orthanc)
+    assert result_counts(orthanc, lidc_in_orthanc)["sr"] == 0
+    cfg = site_config(orthanc, tmp_path)
+    wl = tmp_path / "wl.sqlite"
+    args = ["run", "--archive", door, "--config", str(cfg), "--worklist", str(wl), "--json"]
+    rc, summary = run_cli([*args, "--from", "1999-12-31T00:00", "--to", "2000-01-02"], capsys)
+    assert rc == 0, summary
+    assert summary["studies_found"] == 1 and summary["by_status"] == {"analysed": 1}, summary
+    print(f"\n{door}: stage seconds {summary['stage_seconds']}")
+    counts = result_counts(orthanc, lidc_in_orthanc)
+    assert counts["ct"] == 275
+    assert counts["sr"] == 1 and counts["seg"] == 1 and counts["sc"] >= 1, counts
+    assert summary["outbox"]["pending"] == 0 and summary["outbox"]["refused"] == 0
+
+    rc, again = run_cli(args, capsys)
+    assert rc == 0 and again["skipped_unchanged"] == 1 and again["outputs_written"] == 0, again
+    assert result_counts(orthanc, lidc_in_orthanc) == counts  # a second run adds nothing
+
+    with Worklist(wl) as worklist:
+        (row,) = worklist.rows()
+    assert row.status == "analysed" and row.n_findings >= 0
+    assert row.result_uids["sr"] and row.result_uids["seg"]
+
+
+def test_query_window_keeps_other_nights_out(orthanc: Orthanc, tmp_path: Path) -> None:
+    """The window goes into the StudyDate query; the time bounds are applied exactly."""
+    folder = tmp_path / "p"
+    study = write_phantom(folder, seed=21, study_date="20240105")  # StudyTime 02:00
+    orthanc.upload(sorted(folder.glob("*.dcm")))
+    try:
+        config = load_config(site_config(orthanc, tmp_path))
+        for name in ("pacs", "pacs-web"):
+            archive = open_archive(name, config.archives[name])
+
+            def found(start: str, end: str) -> list[str]:
+                w = QueryWindow(_dt(start), _dt(end))
+                return [s.study_uid for s in find_studies(archive, window=w)]  # noqa: B023
+
+            assert study in found("2024-01-04T20:00", "2024-01-05T07:00")
+            assert study not in found("2024-01-05T03:00", "2024-01-06T07:00")  # same day, later
+            assert study not in found("2024-01-06T00:00", "2024-01-07T00:00")
+            (ref,) = [s for s in find_studies(archive, window=QueryWindow.since(None))
+                      if s.study_uid == study]
+            assert [len(s.instances) for s in ref.series] == [200]
+            assert ref.series[0].first.has_pixel_data  # judged from Rows/Columns
+    finally:
+        orthanc.delete_study(study)
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+# ---------------------------------------------------------------- compressed, C-MOVE
+
+@pytest.mark.parametrize(
+    ("door", "syntax"),
+    [
+        ("pacs", JPEGLSLossless),
+        ("pacs", JPEG2000Lossless),
+        ("pacs-web", JPEGLSLossless),
+        ("pacs-web", JPEG2000Lossless),
+        ("pacs-move", JPEGLSLossless),
+    ],
+)
+def test_compressed_study_is_retrieved_as_stored(
+    door: str, syntax: str, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    folder = tmp_path / "study"
+    study = write_phantom(folder, seed=7, transfer_syntax=syntax)
+    orthanc.upload(sorted(folder.glob("*.dcm")))
+    try:
+        (first,) = orthanc.find("Instance", {"StudyInstanceUID": study, "InstanceNumber": "1"})
+        assert orthanc.transfer_syntax(first["ID"]) == syntax  # stored compressed
+        config = load_config(site_config(orthanc, tmp_path))
+        archive = open_archive(door, config.archives[door])
+        seen: list[str] = []
+        load = archive.load
+
+        def recording_load(locators: list[str]) -> list[pydicom.Dataset]:
+            t0 = time.perf_counter()
+            datasets = load(locators)
+            print(f"\n{door} {syntax}: {len(datasets)} instances in "
+                  f"{time.perf_counter() - t0:.2f} s")
+            seen.extend(str(ds.file_meta.TransferSyntaxUID) for ds in datasets)
+            return datasets
+
+        archive.load = recording_load  # type: ignore[method-assign]
+        with Worklist(tmp_path / "wl.sqlite") as wl, Outbox(tmp_path / "outbox") as ob:
+            summary = run_batch(archive, Stages.load(config), wl, outbox=ob, window=PHANTOM_NIGHT)
+            (row,) = wl.rows()
+        assert summary.by_status == {"analysed": 1}, summary.reasons
+        assert row.pattern == "present"
+        assert len(seen) == 200 and set(seen) == {syntax}  # no transcoding by the archive
+        counts = result_counts(orthanc, study)
+        assert counts["sr"] == 1 and counts["seg"] == 1 and counts["sc"] >= 1, counts
+    finally:
+        orthanc.delete_study(study)
