@@ -189,7 +189,12 @@ def detector_for(config: LesionsConfig) -> LesionDetector:
     """The detector named by ``config.detector``."""
     if config.detector == "density":
         return DensityLesionDetector(config)
-    raise ConfigError(f"lesions.detector: expected one of ['density'], got {config.detector!r}")
+    if config.detector == "onnx":
+        from .inference import OnnxLesionDetector
+
+        return OnnxLesionDetector(config)
+    raise ConfigError(f"lesions.detector: expected one of ['density', 'onnx'], "
+                      f"got {config.detector!r}")
 
 
 # --------------------------------------------------------------------------- measurement

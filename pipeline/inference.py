@@ -1,0 +1,289 @@
+"""Serving learned models: a Predictor is any callable array -> array.
+
+- :class:`ModelSpec` is a model folder's ``model.yaml``: the preprocessing the model was trained
+  with (in-plane spacing, HU window, padding), its labels, version and the sha256 of its ONNX
+  file.  Training writes it (``pipeline/train/export.py``) and inference reads it, so the two
+  cannot drift apart.
+- :class:`OnnxPredictor` wraps one onnxruntime session: the file's hash is checked against the
+  spec before the session is built (a mismatch raises :class:`~pipeline.errors.ModelError`:
+  fail closed, before any study is touched); threads are set explicitly.
+- :func:`segment_slices` is the one preprocessing + batching + postprocessing path for a 2D
+  slice model, used by the pipeline (:class:`OnnxLesionDetector`) and by evaluation alike:
+  crop to the region's bounding box (+ margin), resample each slice in-plane to the model's
+  spacing, clip to the HU window and scale to 0..1, pad to a multiple of ``pad_multiple``, run
+  in batches, resample the class probabilities back, take the arg-max, keep it inside the
+  region and drop pieces smaller than ``min_lesion_mm2`` per slice and, in a stack of
+  slices, lesions smaller than ``min_lesion_ml``.
+
+Nothing here imports torch; the runtime needs onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import yaml
+from scipy import ndimage as ndi
+
+from .artefacts import LungMasks, Volume
+from .config import LesionsConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+F32 = npt.NDArray[np.float32]
+Predictor = Callable[[F32], F32]
+"""Any callable (N, 1, H, W) float32 -> (N, C, H, W) float32 logits."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``model.yaml`` says about a model: enough to preprocess, run and check it."""
+
+    folder: Path
+    name: str
+    version: str
+    task: str  # "lesions" (0 background, 1 GGO, 2 consolidation) or "lungs"
+    sha256: str
+    labels: tuple[str, ...]
+    spacing_mm: float
+    hu_window: tuple[float, float]
+    pad_multiple: int
+    margin_mm: float
+    min_lesion_mm2: float
+    min_lesion_ml: float
+    raw: dict[str, Any]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / "model.onnx"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder: absolute, else relative to the working directory, else to the repo."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """Read and check ``model.yaml`` of a model folder (raises ModelError)."""
+    folder = resolve_model_dir(path)
+    f = folder / "model.yaml"
+    try:
+        raw = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"model spec {f}: expected a readable model.yaml, got {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ModelError(f"model spec {f} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ModelError(f"model spec {f}: expected a mapping, got {type(raw).__name__}")
+    try:
+        pre = raw["preprocessing"]
+        post = raw.get("postprocessing", {})
+        spec = ModelSpec(
+            folder=folder,
+            name=str(raw["name"]),
+            version=str(raw["version"]),
+            task=str(raw.get("task", "lesions")),
+            sha256=str(raw["sha256"]),
+            labels=tuple(str(x) for x in raw["labels"]),
+            spacing_mm=float(pre["spacing_mm"]),
+            hu_window=(float(pre["hu_window"][0]), float(pre["hu_window"][1])),
+            pad_multiple=int(pre.get("pad_multiple", 16)),
+            margin_mm=float(pre.get("margin_mm", 10.0)),
+            min_lesion_mm2=float(post.get("min_lesion_mm2", 0.0)),
+            min_lesion_ml=float(post.get("min_lesion_ml", 0.0)),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ModelError(f"model spec {f}: missing or malformed entry {e!s}") from e
+    if spec.hu_window[1] <= spec.hu_window[0] or spec.spacing_mm <= 0:
+        raise ModelError(f"model spec {f}: expected a rising HU window and a positive spacing, "
+                         f"got {spec.hu_window} and {spec.spacing_mm}")
+    return spec
+
+
+class OnnxPredictor:
+    """One onnxruntime session, built once; the file's sha256 must match the spec."""
+
+    def __init__(self, spec: ModelSpec, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        path = spec.onnx_path
+        if not path.is_file():
+            raise ModelError(f"model {spec.name}: expected {path}, found no file")
+        digest = file_sha256(path)
+        if digest != spec.sha256:
+            raise ModelError(f"model {spec.name}: sha256 of {path.name} is {digest[:16]}..., "
+                             f"model.yaml expects {spec.sha256[:16]}...; refusing to run it")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"model {spec.name}: onnxruntime cannot load {path}: {e}") from e
+        self.input_name = self.session.get_inputs()[0].name
+        self.spec = spec
+        log.info("model %s %s loaded from %s (sha256 %s..., %d threads)", spec.name,
+                 spec.version, path, digest[:12], threads)
+
+    def __call__(self, x: F32) -> F32:
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        return np.asarray(out[0], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def normalise(hu: npt.NDArray[Any], window: tuple[float, float]) -> F32:
+    """Clip to the HU window and scale to 0..1 (the model's input scale)."""
+    lo, hi = window
+    x = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(x, 0.0, 1.0)
+
+
+def resize_slices(a: npt.NDArray[Any], shape: tuple[int, int], order: int) -> npt.NDArray[Any]:
+    """Resample (K, H, W) (or (K, C, H, W)) in-plane to ``shape``, pixel edges aligned."""
+    h, w = a.shape[-2:]
+    if (h, w) == shape:
+        return a
+    zoom = [1.0] * (a.ndim - 2) + [shape[0] / h, shape[1] / w]
+    out = ndi.zoom(a, zoom, order=order, mode="nearest", grid_mode=True)
+    # zoom rounds the size; make it exact
+    out = out[..., : shape[0], : shape[1]]
+    ph, pw = shape[0] - out.shape[-2], shape[1] - out.shape[-1]
+    if ph > 0 or pw > 0:
+        pad = [(0, 0)] * (a.ndim - 2) + [(0, max(ph, 0)), (0, max(pw, 0))]
+        out = np.pad(out, pad, mode="edge")
+    return np.asarray(out)
+
+
+def model_grid(shape: tuple[int, int], spacing_rc: tuple[float, float],
+               spacing_mm: float) -> tuple[int, int]:
+    """In-plane size of a (H, W) slice of pixel size ``spacing_rc`` at ``spacing_mm``."""
+    return (max(1, round(shape[0] * spacing_rc[0] / spacing_mm)),
+            max(1, round(shape[1] * spacing_rc[1] / spacing_mm)))
+
+
+def _pad_to(x: F32, multiple: int, value: float) -> F32:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)]
+    return np.pad(x, pad, mode="constant", constant_values=value)
+
+
+def softmax(logits: F32, axis: int = 1) -> F32:
+    m = logits.max(axis=axis, keepdims=True)
+    e = np.exp(logits - m)
+    return np.asarray(e / e.sum(axis=axis, keepdims=True), dtype=np.float32)
+
+
+def drop_small_2d(labels: npt.NDArray[np.uint8], min_pixels: float) -> npt.NDArray[np.uint8]:
+    """Remove, slice by slice, connected lesion pieces (any class, 8-connected) under a size."""
+    if min_pixels <= 1:
+        return labels
+    out = labels.copy()
+    st = np.ones((3, 3), dtype=bool)
+    for k in range(labels.shape[0]):
+        if not out[k].any():
+            continue
+        lab, _ = ndi.label(out[k] > 0, structure=st)
+        sizes = np.bincount(lab.ravel())
+        small = sizes < min_pixels
+        small[0] = False
+        out[k][small[lab]] = 0
+    return out
+
+
+def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
+                   region: npt.NDArray[np.bool_] | None, predictor: Predictor, spec: ModelSpec,
+                   batch: int = 16, slice_mm: float | None = None) -> npt.NDArray[np.uint8]:
+    """Labels (K, H, W) uint8 of a 2D slice model on axial slices ``hu`` (K, H, W) in HU.
+
+    ``region`` (the lungs) limits where the model runs (its bounding box + ``margin_mm``) and
+    where labels may be; None means the whole slice.  Where ``slice_mm`` is given and the
+    stack has at least 3 slices, lesions (26-connected, any kind) under ``min_lesion_ml``
+    are dropped as well.  See the module docstring.
+    """
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    if region is None:
+        region = np.ones(hu.shape, dtype=bool)
+    found = ndi.find_objects(region.astype(np.uint8))
+    if not found or found[0] is None:
+        return out
+    ks, rs, cs = found[0]
+    mr = round(spec.margin_mm / spacing_rc[0])
+    mc = round(spec.margin_mm / spacing_rc[1])
+    r0, r1 = max(0, rs.start - mr), min(hu.shape[1], rs.stop + mr)
+    c0, c1 = max(0, cs.start - mc), min(hu.shape[2], cs.stop + mc)
+    crop_shape = (r1 - r0, c1 - c0)
+    grid = model_grid(crop_shape, spacing_rc, spec.spacing_mm)
+    pad_value = float(normalise(np.array([-1000.0]), spec.hu_window)[0])
+    for k0 in range(ks.start, ks.stop, batch):
+        k1 = min(ks.stop, k0 + batch)
+        x = normalise(resize_slices(np.asarray(hu[k0:k1, r0:r1, c0:c1], np.float32), grid, 1),
+                      spec.hu_window)
+        xp = _pad_to(x, spec.pad_multiple, pad_value)[:, None]
+        logits = predictor(xp)[:, :, : grid[0], : grid[1]]
+        probs = resize_slices(softmax(logits), crop_shape, 1)
+        out[k0:k1, r0:r1, c0:c1] = np.argmax(probs, axis=1).astype(np.uint8)
+    out[~region] = 0
+    min_px = spec.min_lesion_mm2 / (spacing_rc[0] * spacing_rc[1])
+    out = drop_small_2d(out, min_px)
+    if slice_mm is not None and hu.shape[0] >= 3 and spec.min_lesion_ml > 0 and out.any():
+        lab, _ = ndi.label(out > 0, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(lab.ravel())
+        small = sizes * (spacing_rc[0] * spacing_rc[1] * slice_mm / 1000.0) < spec.min_lesion_ml
+        small[0] = False
+        out[small[lab]] = 0
+    return out
+
+
+class OnnxLesionDetector:
+    """The lesion stage served by an exported model (``lesions.detector: onnx``)."""
+
+    def __init__(self, config: LesionsConfig) -> None:
+        self.spec = load_model_spec(config.model)
+        if self.spec.task != "lesions" or len(self.spec.labels) != 3:
+            raise ModelError(f"model {self.spec.name}: expected a 3-label lesions model, got "
+                             f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
+        self.predictor = OnnxPredictor(self.spec, config.threads)
+        self.batch = max(1, config.batch_slices)
+        self.name = self.spec.name
+        self.version = self.spec.version
+
+    def __call__(self, ct: Volume, lungs: LungMasks) -> Volume:
+        if lungs.labels.shape != ct.shape:
+            raise ValueError(f"lung labels shape {lungs.labels.shape} does not match the CT "
+                             f"grid {ct.shape}")
+        t0 = time.perf_counter()
+        sp = ct.spacing
+        labels = segment_slices(ct.array, (sp[1], sp[2]), lungs.mask(), self.predictor,
+                                self.spec, self.batch, slice_mm=sp[0])
+        log.info("lesions: %s %s on %d slices in %.2f s", self.name, self.version, ct.shape[0],
+                 time.perf_counter() - t0)
+        return ct.with_array(labels)
