@@ -40,10 +40,13 @@ syntax (:func:`decoding_plugin_for`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
-from collections.abc import Sequence
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -475,6 +478,60 @@ def decode_hu_slice(ds: pydicom.Dataset, config: VolumeConfig, index: int = 0) -
     return hu.astype(out_dtype, copy=False)
 
 
+# JPEG 2000 slices decode in a pool of processes that lives as long as this process
+# (threads do not help: FIELD-NOTES).  Other syntaxes decode in place: for JPEG-LS and RLE,
+# copying a slice to another process cost more than decoding it (measured on 275 LIDC
+# slices: JPEG-LS 2.4 s in place vs 3.6 s with 2 processes; JPEG 2000 13.3 s vs 9.0 s).
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+_POOL_SIZE = 0
+_MIN_SLICES_FOR_POOL = 16
+_SLOW_SYNTAXES = frozenset(
+    {
+        str(dcm_uid.JPEG2000Lossless),
+        str(dcm_uid.JPEG2000),
+        str(dcm_uid.HTJ2KLossless),
+        str(dcm_uid.HTJ2KLosslessRPCL),
+        str(dcm_uid.HTJ2K),
+    }
+)
+
+
+def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != workers:
+        if _POOL is not None:
+            _POOL.shutdown()
+        # forkserver: workers never inherit the threads of a loaded model runtime.
+        ctx = multiprocessing.get_context("forkserver")
+        _POOL = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        _POOL_SIZE = workers
+    return _POOL
+
+
+def _decode_chunk(
+    chunk: list[tuple[int, pydicom.Dataset]], config: VolumeConfig
+) -> list[tuple[int, npt.NDArray[Any]]]:
+    return [(k, decode_hu_slice(ds, config, k)) for k, ds in chunk]
+
+
+def _decode_all(
+    ordered: Sequence[pydicom.Dataset], config: VolumeConfig
+) -> Iterator[tuple[int, npt.NDArray[Any]]]:
+    """Every slice decoded once, as (k, HU slice); in parallel where it pays."""
+    workers = config.decode_workers or os.cpu_count() or 1
+    slow = str(_transfer_syntax(ordered[0])) in _SLOW_SYNTAXES
+    if workers <= 1 or not slow or len(ordered) < _MIN_SLICES_FOR_POOL:
+        for k, ds in enumerate(ordered):
+            yield k, decode_hu_slice(ds, config, k)
+        return
+    items = list(enumerate(ordered))
+    n_chunks = workers * 4
+    chunks = [items[i::n_chunks] for i in range(n_chunks) if items[i::n_chunks]]
+    pool = _pool(workers)
+    for result in pool.map(_decode_chunk, chunks, [config] * len(chunks)):
+        yield from result
+
+
 def build_volume(
     datasets: Sequence[pydicom.Dataset], config: VolumeConfig
 ) -> tuple[Volume, list[pydicom.Dataset]]:
@@ -482,9 +539,10 @@ def build_volume(
 
     The geometry is checked and derived from the headers first (:func:`stack_geometry`),
     so a refusal costs no decoding; then every slice is decoded once
-    (:func:`decode_hu_slice`).  The volume's Frame of Reference UID is the series'
-    (C.7.4.1); where the slices disagree (a de-identification artefact of LIDC-IDRI) it is
-    left empty and a warning is logged.
+    (:func:`decode_hu_slice`), JPEG 2000 slices in ``config.decode_workers`` processes.
+    The volume's Frame of Reference UID is the series' (C.7.4.1); where the slices
+    disagree (a de-identification artefact of LIDC-IDRI) it is left empty and a warning
+    is logged.
     Nothing here depends on SOP Instance/Class UIDs, Instance Number or file names.
     """
     geometry = stack_geometry(datasets, config)
@@ -504,8 +562,8 @@ def build_volume(
     dtypes = {hu_dtype(ds) for ds in ordered}
     dtype = np.dtype(np.float32) if np.dtype(np.float32) in dtypes else np.dtype(np.int16)
     array = np.empty(geometry.shape, dtype=dtype)
-    for k, ds in enumerate(ordered):
-        array[k] = decode_hu_slice(ds, config, k)
+    for k, hu in _decode_all(ordered, config):
+        array[k] = hu
     volume = Volume(array, geometry.affine, for_uid)
     ts = {str(_transfer_syntax(ds)) for ds in ordered}
     log.info(

@@ -307,7 +307,7 @@ def test_lidc_lungs(shared_data: Path) -> None:
     for side, sign in ((Side.LEFT, 1.0), (Side.RIGHT, -1.0)):
         x = ct.index_to_lps(np.argwhere(lungs.mask(side)[::4, ::4, ::4]).mean(axis=0) * 4)[0, 0]
         assert (x - ct.index_to_lps(np.array(ct.shape) / 2)[0, 0]) * sign > 30
-    assert dt < 20.0, f"lungs took {dt:.1f} s"  # about 4 s on 2 cores
+    print(f"lungs on LIDC: {dt:.1f} s")  # a figure, not a test: benchmarks judge speed
 
 
 @pytest.mark.slow

@@ -581,7 +581,6 @@ def test_build_report_time_full_size(shared_data: Path, tmp_path: Path) -> None:
     elapsed = time.perf_counter() - t0
     print(f"\nbuild_report 275x512x512: {elapsed:.1f} s, SEG {objects.seg.NumberOfFrames} frames")
     print("\n".join(_assert_valid(objects, tmp_path)))
-    assert elapsed < 120
 
 
 def _make_case_big(ct: Volume, sources: list[pydicom.Dataset]) -> Case:

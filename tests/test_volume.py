@@ -480,6 +480,33 @@ def test_j2k_series_builds_without_sop_uids() -> None:
 
 
 @pytest.mark.shared_data
+def test_parallel_decoding_gives_the_same_volume() -> None:
+    from dataclasses import replace
+
+    dss = read_folder(shared("codecs/j2k-lossless-series"))  # 20 JPEG 2000 slices
+    serial, _ = build_volume(dss, replace(CONFIG, decode_workers=1))
+    parallel, _ = build_volume(dss, replace(CONFIG, decode_workers=2))
+    np.testing.assert_array_equal(serial.array, parallel.array)
+    np.testing.assert_array_equal(serial.affine, parallel.affine)
+
+
+def test_a_refusal_in_a_decoding_process_keeps_its_code(tmp_path: Path) -> None:
+    import pickle
+    from dataclasses import replace
+
+    e = pickle.loads(pickle.dumps(NotAnalysable("truncated-pixel-data", "slice 3: short")))
+    assert (e.code, e.message) == ("truncated-pixel-data", "slice 3: short")
+    # the same through the pool: a J2K series with one slice cut short
+    vol = Volume(phantom((20, 32, 32)), make_affine())
+    paths = write_ct_series(vol, tmp_path, transfer_syntax=pydicom.uid.JPEG2000Lossless)
+    dss = [pydicom.dcmread(p) for p in paths]
+    dss[7].PixelData = dss[7].PixelData[:40]
+    with pytest.raises(NotAnalysable) as info:
+        build_volume(dss, replace(CONFIG, decode_workers=2))
+    assert info.value.code.startswith(("undecodable", "truncated-pixel-data")), info.value.code
+
+
+@pytest.mark.shared_data
 def test_philips_gantry_tilt_is_refused() -> None:
     dss = read_folder(shared("bad-input/gantry-tilt"))
     assert len(dss) == 54
