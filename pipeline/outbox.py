@@ -172,7 +172,7 @@ class Outbox:
         if state is not None:
             sql += " AND state = ?"
             args.append(state)
-        sql += " ORDER BY created_at, study_uid, kind, sop_uid"
+        sql += " ORDER BY created_at, rowid"  # first queued, first delivered
         return [
             OutboxItem(**{k: r[k] for k in OutboxItem.__dataclass_fields__})
             for r in self._db.execute(sql, args).fetchall()
