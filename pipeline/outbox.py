@@ -20,9 +20,6 @@ States:
 from __future__ import annotations
 
 import logging
-import os
-import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +30,7 @@ from pydicom.dataset import Dataset
 
 from .archive import Archive
 from .config import OutboxConfig
+from .durable import open_sqlite, write_dataset_atomically
 from .errors import ArchiveError, ArchiveUnavailable, StoreRefused
 
 log = logging.getLogger(__name__)
@@ -99,12 +97,7 @@ class Outbox:
         self.folder = Path(folder)
         self.config = config or OutboxConfig()
         (self.folder / "objects").mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.folder / "outbox.sqlite", timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._db:
-            self._db.executescript(SCHEMA)
+        self._db = open_sqlite(self.folder / "outbox.sqlite", SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -122,16 +115,7 @@ class Outbox:
         of the same instance, delivered or not); returns its SOP Instance UID."""
         sop = str(ds.SOPInstanceUID)
         path = self.folder / "objects" / _file_name(archive, sop)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_dataset_atomically(ds, path, tmp_prefix=".tmp")
         now = _now()
         with self._db:
             self._db.execute(

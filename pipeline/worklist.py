@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .artefacts import OutputRef, Pattern, ScreeningResult, Status
+from .durable import open_sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -101,13 +102,7 @@ class Worklist:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._db:
-            self._db.executescript(SCHEMA)
+        self._db = open_sqlite(self.path, SCHEMA)
 
     def close(self) -> None:
         self._db.close()

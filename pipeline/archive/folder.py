@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from ..artefacts import OutputRef, QueryWindow
+from ..durable import write_dataset_atomically
 from ..errors import ArchiveError, NotAnalysable
 
 log = logging.getLogger(__name__)
@@ -145,18 +145,7 @@ class FolderArchive:
 
     def store(self, ds: Dataset) -> str:
         path = self.result_path(ds)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ctscreen-tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        write_dataset_atomically(ds, path)
         return str(path)
 
     def remove(self, ref: OutputRef) -> None:
@@ -182,10 +171,3 @@ def _safe_uid(uid: str) -> str:
         raise ArchiveError(f"expected a DICOM UID (digits and dots, at most 64), got {uid[:80]!r}")
     return uid
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
