@@ -354,7 +354,14 @@ def _transfer_syntax(ds: pydicom.Dataset) -> dcm_uid.UID:
             "undecodable:unknown",
             "expected a TransferSyntaxUID in the file meta information, got none",
         )
-    return dcm_uid.UID(str(ts))
+    uid = dcm_uid.UID(str(ts))
+    if not uid.is_transfer_syntax:  # found by the fuzzer: pydicom reads such files anyway
+        shown = str(uid) if uid.is_valid else "invalid"
+        raise NotAnalysable(
+            f"undecodable:{shown}",
+            f"expected a transfer syntax UID in the file meta information, got {shown}",
+        )
+    return uid
 
 
 def check_pixel_header(ds: pydicom.Dataset, index: int = 0) -> None:

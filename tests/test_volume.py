@@ -550,3 +550,10 @@ def test_copdgene_geometry_matches_simpleitk() -> None:
     np.testing.assert_allclose(vol.direction, d[:, [2, 1, 0]], atol=1e-6)
     itk = sitk.GetArrayFromImage(img)
     np.testing.assert_array_equal(vol.array, np.clip(itk, CONFIG.hu_min, CONFIG.hu_max))
+
+
+def test_a_file_meta_naming_no_transfer_syntax_is_refused(series: list[pydicom.Dataset]) -> None:
+    """Found by the fuzzer: a valid UID that is not a transfer syntax made pydicom raise."""
+    broken = copy.deepcopy(series)
+    broken[1].file_meta.TransferSyntaxUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    assert refused(broken) == "undecodable:1.2.840.10008.5.1.4.1.1.2"
