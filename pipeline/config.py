@@ -289,13 +289,17 @@ def load_train_config(path: str | Path | None = None) -> TrainConfig:
     if path is None:
         return TrainConfig()
     p = Path(path)
+    return from_mapping(TrainConfig, _read_yaml(p), where=p.name)
+
+
+def _read_yaml(p: Path) -> Any:
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config {p} is not valid YAML: {e}") from e
-    return from_mapping(TrainConfig, raw or {}, where=p.name)
+    return {} if raw is None else raw
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -303,15 +307,7 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None:
         return Config()
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {p} is not valid YAML: {e}") from e
-    if raw is None:
-        raw = {}
-    config = from_mapping(Config, raw, where=p.name)
+    config = from_mapping(Config, _read_yaml(p), where=p.name)
     for name, a in config.archives.items():
         _check_archive(name, a, p.name)
     return config

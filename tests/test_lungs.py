@@ -10,7 +10,15 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from pipeline.artefacts import LESION_LABELS, LUNG_LABELS, LesionKind, LungMasks, Side, Volume
+from pipeline.artefacts import (
+    LESION_LABELS,
+    LUNG_LABELS,
+    LesionKind,
+    LungMasks,
+    Side,
+    Volume,
+    volume_from_sitk,
+)
 from pipeline.config import LungsConfig
 from pipeline.errors import ConfigError, NotAnalysable
 from pipeline.lungs import (
@@ -36,22 +44,6 @@ SPACING = (2.5, 2.2, 2.2)
 
 def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     return float(2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
-
-
-def sitk_to_volume(img) -> Volume:  # type: ignore[no-untyped-def]
-    """SimpleITK image -> Volume.  ITK index order is (x=col, y=row, z=slice) and
-    GetArrayFromImage gives [z, y, x] = [k, r, c], so affine column j = direction[:, axis] *
-    spacing[axis] with axis = (2, 1, 0)[j]."""
-    import SimpleITK as sitk
-
-    arr = sitk.GetArrayFromImage(img)
-    d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-    sp = np.asarray(img.GetSpacing(), dtype=np.float64)
-    aff = np.eye(4)
-    for j, axis in enumerate((2, 1, 0)):
-        aff[:3, j] = d[:, axis] * sp[axis]
-    aff[:3, 3] = img.GetOrigin()
-    return Volume(arr, aff)
 
 
 @pytest.fixture(scope="module", params=["axial", "flipped", "oblique"])
@@ -246,7 +238,7 @@ def test_copdgene_agreement_with_cip_labels(shared_data: Path) -> None:
     import SimpleITK as sitk
 
     d = shared_data / "chest-ct" / "cip-copdgene-10002k-64"
-    ct = sitk_to_volume(sitk.ReadImage(str(d / "ct-64.nrrd")))
+    ct = volume_from_sitk(sitk.ReadImage(str(d / "ct-64.nrrd")))
     ct = ct.with_array(ct.array.astype(np.int16))
     whole = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "wholeLung-64.nrrd"))) > 0
     regions = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "lm-64.nrrd"))) & 0xFF
@@ -267,7 +259,7 @@ def read_lidc(shared_data: Path) -> Volume:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
     reader.SetOutputPixelType(sitk.sitkInt16)
-    return sitk_to_volume(reader.Execute())
+    return volume_from_sitk(reader.Execute())
 
 
 # LPS points (mm) checked on axial, coronal and sagittal views of LIDC-IDRI-0314

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.artefacts import LESION_LABELS, LesionKind
+from pipeline.artefacts import LESION_LABELS, LesionKind, volume_to_sitk
 from pipeline.config import TrainConfig, load_train_config
 from pipeline.phantom.model import PhantomSpec, make_grid, render
 from pipeline.train.dataset import (
@@ -20,7 +20,6 @@ from pipeline.train.dataset import (
     open_dataset,
     read_dataset,
     save_case,
-    volume_to_sitk,
     write_manifest,
 )
 from pipeline.train.evaluate import auc, bootstrap, case_stats, metrics_of

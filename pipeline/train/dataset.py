@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from ..artefacts import Volume
+from ..artefacts import Volume, volume_from_sitk
 from ..errors import CtscreenError
 from .intensity import histogram_anchors, intensity_to_hu
 
@@ -357,36 +357,6 @@ def _case_image(case: Path) -> Path | None:
     if (case / "image").is_dir():
         return case / "image"
     return None
-
-
-def volume_from_sitk(img: Any) -> Volume:
-    """SimpleITK image -> Volume.  ITK index order is (x=col, y=row, z=slice) and
-    GetArrayFromImage gives [k, r, c], so affine column j = direction[:, axis] * spacing[axis]
-    with axis = (2, 1, 0)[j].  ITK's physical space is LPS, like ours."""
-    import SimpleITK as sitk
-
-    arr = sitk.GetArrayFromImage(img)
-    d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-    sp = np.asarray(img.GetSpacing(), dtype=np.float64)
-    aff = np.eye(4)
-    for j, axis in enumerate((2, 1, 0)):
-        aff[:3, j] = d[:, axis] * sp[axis]
-    aff[:3, 3] = img.GetOrigin()
-    return Volume(arr, aff)
-
-
-def volume_to_sitk(volume: Volume) -> Any:
-    """Volume -> SimpleITK image (the inverse of :func:`volume_from_sitk`), e.g. to write a
-    label map as NIfTI on a CT's grid."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
-    sp = volume.spacing  # (k, r, c)
-    d = volume.direction  # columns: k, r, c
-    img.SetSpacing((sp[2], sp[1], sp[0]))
-    img.SetDirection(tuple(np.stack([d[:, 2], d[:, 1], d[:, 0]], axis=1).ravel().tolist()))
-    img.SetOrigin(tuple(float(v) for v in volume.origin))
-    return img
 
 
 def read_dicom_series(folder: Path) -> tuple[Volume, list[Any]]:
