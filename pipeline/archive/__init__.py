@@ -13,12 +13,16 @@ night's batch never pulls headers or pixels of series that selection cannot use.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from pydicom.dataset import Dataset
 
 from ..artefacts import QueryWindow
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..config import ArchiveConfig
@@ -84,3 +88,43 @@ def split_locator(loc: str) -> tuple[str, str, str]:
 
         raise ArchiveError(f"expected a locator STUDY/SERIES/SOP (three UIDs), got {loc[:120]!r}")
     return parts[0], parts[1], parts[2]
+
+
+def retrieve_series(
+    name: str,
+    method: str,
+    locators: Sequence[str],
+    retrieve: Callable[[str, str], Iterable[Dataset]],
+    attempts: int,
+) -> list[Dataset]:
+    """The instances named by ``locators`` (one series), in that order, fetched with
+    ``retrieve(study_uid, series_uid)`` up to ``attempts`` times.  Fewer instances than the
+    query announced after the last attempt: not analysed, ``incomplete-retrieval:N/M``."""
+    from ..errors import ArchiveError, NotAnalysable
+    from .folder import drop_unparseable
+
+    if not locators:
+        return []
+    keys = [split_locator(loc) for loc in locators]
+    study_uid, series_uid, _ = keys[0]
+    if any((k[0], k[1]) != (study_uid, series_uid) for k in keys):
+        raise ArchiveError(f"{name}: expected locators of one series, got several")
+    wanted = {k[2] for k in keys}
+    got: dict[str, Dataset] = {}
+    for attempt in range(1, max(1, attempts) + 1):
+        t0 = time.perf_counter()
+        for ds in retrieve(study_uid, series_uid):
+            drop_unparseable(ds, f"{name} instance")
+            sop = str(ds.SOPInstanceUID)
+            if sop in wanted:
+                got[sop] = ds
+        log.info(
+            "%s: retrieved %d/%d instances of series %s by %s in %.1f s (attempt %d)",
+            name, len(got), len(wanted), series_uid, method, time.perf_counter() - t0, attempt,
+        )
+        if len(got) == len(wanted):
+            return [got[k[2]] for k in keys]
+    raise NotAnalysable(
+        f"incomplete-retrieval:{len(got)}/{len(wanted)}",
+        f"{name} delivered {len(got)} of the {len(wanted)} instances the query announced",
+    )

@@ -27,9 +27,8 @@ from pydicom.dataset import Dataset
 
 from ..artefacts import QueryWindow
 from ..config import ArchiveConfig
-from ..errors import ArchiveError, ArchiveUnavailable, NotAnalysable, StoreRefused
-from . import locator, split_locator
-from .folder import drop_unparseable
+from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused
+from . import locator, retrieve_series
 
 log = logging.getLogger(__name__)
 
@@ -194,36 +193,18 @@ class DicomWebArchive:
     # ------------------------------------------------------------ retrieve
 
     def load(self, locators: Sequence[str]) -> list[Dataset]:
-        if not locators:
-            return []
-        keys = [split_locator(loc) for loc in locators]
-        study_uid, series_uid, _ = keys[0]
-        if any((k[0], k[1]) != (study_uid, series_uid) for k in keys):
-            raise ArchiveError(f"{self.name}: expected locators of one series, got several")
-        wanted = {k[2] for k in keys}
-        got: dict[str, Dataset] = {}
-        for attempt in range(1, max(1, self.config.retrieve_attempts) + 1):
-            t0 = time.perf_counter()
-            received = self._call(
+        def wado(study_uid: str, series_uid: str) -> list[Dataset]:
+            received: list[Dataset] = self._call(
                 "WADO-RS series",
                 self.client.retrieve_series,
                 study_uid,
                 series_uid,
                 media_types=(("application/dicom", "*"),),
             )
-            for ds in received:
-                drop_unparseable(ds, f"{self.name} instance")
-                if str(ds.SOPInstanceUID) in wanted:
-                    got[str(ds.SOPInstanceUID)] = ds
-            log.info(
-                "%s: retrieved %d/%d instances of series %s by WADO-RS in %.1f s (attempt %d)",
-                self.name, len(got), len(wanted), series_uid, time.perf_counter() - t0, attempt,
-            )
-            if len(got) == len(wanted):
-                return [got[k[2]] for k in keys]
-        raise NotAnalysable(
-            f"incomplete-retrieval:{len(got)}/{len(wanted)}",
-            f"{self.name} delivered {len(got)} of the {len(wanted)} instances the query announced",
+            return received
+
+        return retrieve_series(
+            self.name, "WADO-RS", locators, wado, self.config.retrieve_attempts
         )
 
     # ------------------------------------------------------------ store

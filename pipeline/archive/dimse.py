@@ -44,9 +44,8 @@ from pynetdicom.association import Association
 
 from ..artefacts import QueryWindow
 from ..config import ArchiveConfig
-from ..errors import ArchiveError, ArchiveUnavailable, NotAnalysable, StoreRefused
-from . import locator, split_locator
-from .folder import drop_unparseable
+from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused
+from . import locator, retrieve_series
 
 log = logging.getLogger(__name__)
 
@@ -282,33 +281,12 @@ class DimseArchive:
     # ------------------------------------------------------------ retrieve
 
     def load(self, locators: Sequence[str]) -> list[Dataset]:
-        if not locators:
-            return []
-        keys = [split_locator(loc) for loc in locators]
-        study_uid, series_uid, _ = keys[0]
-        if any((k[0], k[1]) != (study_uid, series_uid) for k in keys):
-            raise ArchiveError(f"{self.name}: expected locators of one series, got several")
-        wanted = {k[2] for k in keys}
-        expected = len(wanted)
-        got: dict[str, Dataset] = {}
-        for attempt in range(1, max(1, self.config.retrieve_attempts) + 1):
-            t0 = time.perf_counter()
-            received = self._retrieve_series(study_uid, series_uid)
-            for ds in received:
-                drop_unparseable(ds, f"{self.name} instance")
-                sop = str(ds.SOPInstanceUID)
-                if sop in wanted:
-                    got[sop] = ds
-            log.info(
-                "%s: retrieved %d/%d instances of series %s by %s in %.1f s (attempt %d)",
-                self.name, len(got), expected, series_uid, self.config.retrieve.upper(),
-                time.perf_counter() - t0, attempt,
-            )
-            if len(got) == expected:
-                return [got[k[2]] for k in keys]
-        raise NotAnalysable(
-            f"incomplete-retrieval:{len(got)}/{expected}",
-            f"{self.name} delivered {len(got)} of the {expected} instances the query announced",
+        return retrieve_series(
+            self.name,
+            self.config.retrieve.upper(),
+            locators,
+            self._retrieve_series,
+            self.config.retrieve_attempts,
         )
 
     def _retrieve_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
