@@ -105,6 +105,15 @@ class InstanceHeader:
     accession_number: str = ""
     has_pixel_data: bool = False
     number_of_frames: int = 1
+    # A coded reason the archive found while reading this instance's file (a file cut
+    # short: ``truncated-file``; a DICOM file that does not parse: ``unreadable-instance``);
+    # its header holds only what could be read before the damage.
+    read_problem: str = ""
+
+
+# The attribute by which an archive marks a header dataset it could read only in part
+# (value: a coded reason); ingest copies it into ``InstanceHeader.read_problem``.
+READ_PROBLEM_ATTRIBUTE = "ctscreen_read_problem"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from .archive import Archive
-from .artefacts import InstanceHeader, QueryWindow, SeriesRef, StudyRef
+from .artefacts import READ_PROBLEM_ATTRIBUTE, InstanceHeader, QueryWindow, SeriesRef, StudyRef
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def instance_header(ds: Dataset, locator: str, query_based: bool = False) -> Ins
         )
         or (query_based and bool(_int(ds, "Rows")) and bool(_int(ds, "Columns"))),
         number_of_frames=_int(ds, "NumberOfFrames") or 1,
+        read_problem=str(getattr(ds, READ_PROBLEM_ATTRIBUTE, "") or ""),
     )
 
 

@@ -7,10 +7,18 @@ lung (sharp) kernel, then the thinnest slices, then the longest coverage.
 Reason codes (stable, shown to users as "not analysed: <code>"):
 
 ``missing-study-uid``            instances carry no StudyInstanceUID
+``invalid-uid:<Keyword>``        a Study/Series/SOP Instance UID that is not a DICOM UID
+                                 (digits and dots, no leading zeros, at most 64 characters):
+                                 results could not be filed under it, nor reference it
+``truncated-file``               an instance's file ends before what it announces
+``unreadable-instance``          an instance's file is DICOM but does not parse
 ``no-ct-series``                 no series of a CT modality in the study
 ``localizer-only``               the only CT images are localizers / scouts
 ``not-ct-image:<Modality>``      not a CT image object (SR, SEG, SC, ...)
-``missing-tag:<Keyword>``        a tag needed to judge the series is absent
+``missing-tag:<Keyword>``        a tag needed to judge the series is absent (also an empty
+                                 SeriesInstanceUID or SOPInstanceUID)
+``mixed-series:<Keyword>``       instances sharing one SeriesInstanceUID disagree on what
+                                 makes a series (two reconstructions under one UID)
 ``localizer``                    ImageType says LOCALIZER / SCOUT / TOPOGRAM
 ``not-original-primary``         derived or secondary images (reformats, MPR, ...)
 ``multiframe-unsupported``       enhanced multi-frame CT is not handled yet
@@ -20,7 +28,8 @@ Reason codes (stable, shown to users as "not analysed: <code>"):
 ``insufficient-coverage:<L>mm``  the stack is shorter than a chest
 ``not-chest:<BodyPart>``         BodyPartExamined names another region
 ``duplicate-sop-instance-uid``   the same SOP Instance UID appears twice in the series
-``no-pixel-data``                instances without pixel data
+``no-pixel-data``                no instance of the series has pixel data
+``missing-pixel-data``           some instances of the series have none
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -36,10 +46,19 @@ from .config import SelectionConfig
 
 
 def select_series(study: StudyRef, config: SelectionConfig) -> Selection:
-    """Judge every series of ``study``; choose the best one that passes every rule."""
+    """Judge every series of ``study``; choose the best one that passes every rule.
+
+    Refused as a whole: a study without a valid StudyInstanceUID, and a study holding a
+    damaged instance that could not be read far enough to know its series (it may be a
+    slice of any of them)."""
     if not study.uid_valid:
-        refused = tuple(_decision(s, ("missing-study-uid",)) for s in study.series)
-        return Selection(study.study_uid, None, refused, ("missing-study-uid",))
+        problems = _read_problems(h for s in study.series for h in s.instances)
+        return _refuse_study(study, (*problems, "missing-study-uid"))
+    if not valid_uid(study.study_uid):
+        return _refuse_study(study, ("invalid-uid:StudyInstanceUID",))
+    orphans = _read_problems(h for s in study.series if not s.first.series_uid for h in s.instances)
+    if orphans:
+        return _refuse_study(study, orphans)
 
     decisions: list[SeriesDecision] = []
     passing: list[tuple[tuple[float, ...], SeriesRef]] = []
@@ -57,9 +76,59 @@ def select_series(study: StudyRef, config: SelectionConfig) -> Selection:
     )
 
 
+def valid_uid(uid: str) -> bool:
+    """A DICOM UID (PS3.5 9.1): components of digits without leading zeros, separated by
+    dots, at most 64 characters.  Anything else cannot name a file or be referenced."""
+    return len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
+
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _refuse_study(study: StudyRef, reasons: tuple[str, ...]) -> Selection:
+    refused = tuple(_decision(s, reasons) for s in study.series)
+    return Selection(study.study_uid, None, refused, reasons)
+
+
+def _read_problems(instances: Iterable[InstanceHeader]) -> tuple[str, ...]:
+    """The distinct read problems of ``instances``, in order of first appearance."""
+    return tuple(dict.fromkeys(h.read_problem for h in instances if h.read_problem))
+
+
+def _uid_reasons(series: SeriesRef) -> list[str]:
+    reasons = []
+    if not series.first.series_uid:
+        reasons.append("missing-tag:SeriesInstanceUID")
+    elif not valid_uid(series.first.series_uid):
+        reasons.append("invalid-uid:SeriesInstanceUID")
+    sops = [h.sop_instance_uid for h in series.instances]
+    if not all(sops):
+        reasons.append("missing-tag:SOPInstanceUID")
+    elif not all(valid_uid(u) for u in sops):
+        reasons.append("invalid-uid:SOPInstanceUID")
+    return reasons
+
+
+def _mixed_series(series: SeriesRef) -> str | None:
+    """The first attribute on which the instances of one series UID disagree (where they
+    carry it), or None.  Geometry is judged by the volume stage, not here."""
+    for keyword, values in (
+        ("SOPClassUID", {h.sop_class_uid for h in series.instances}),
+        ("Modality", {h.modality for h in series.instances}),
+        ("SeriesNumber", {h.series_number for h in series.instances}),
+        ("ConvolutionKernel", {h.convolution_kernel for h in series.instances}),
+    ):
+        if len(values - {None, ""}) > 1:
+            return keyword
+    return None
+
+
 def series_reasons(series: SeriesRef, config: SelectionConfig) -> tuple[str, ...]:
     """Every reason this series cannot be analysed; empty when it qualifies."""
     first = series.first
+    problems = _read_problems(series.instances)
+    if problems:  # the rest of a damaged file's header cannot be trusted to judge by
+        return problems
     reasons: list[str] = []
     if not first.modality:
         reasons.append("missing-tag:Modality")
@@ -77,10 +146,17 @@ def series_reasons(series: SeriesRef, config: SelectionConfig) -> tuple[str, ...
         or tuple(first.image_type[: len(required)]) != required
     ):
         reasons.append("not-original-primary")
+    reasons.extend(_uid_reasons(series))
+    mixed = _mixed_series(series)
+    if mixed:
+        reasons.append(f"mixed-series:{mixed}")
     if any(h.number_of_frames > 1 for h in series.instances):
         reasons.append("multiframe-unsupported")
-    if not all(h.has_pixel_data for h in series.instances):
+    with_pixels = sum(h.has_pixel_data for h in series.instances)
+    if with_pixels == 0:
         reasons.append("no-pixel-data")
+    elif with_pixels < len(series.instances):
+        reasons.append("missing-pixel-data")
     body = first.body_part.replace(" ", "")
     if body and body in config.non_chest_body_parts:
         reasons.append(f"not-chest:{body}")
