@@ -1,7 +1,7 @@
 """The command line: the only place that parses arguments and configures logging.
 
 ctscreen run --archive NAME|DIR [--since DATE | --from DATETIME --to DATETIME] [--config FILE]
-             [--worklist FILE] [--force] [--json]
+             [--worklist FILE] [--workers N | --scheduler ADDRESS] [--force] [--json]
 ctscreen echo NAME [--config FILE]
 ctscreen listen [--config FILE] [--worklist FILE]
 ctscreen outbox [--archive NAME|DIR] [--drain] [--retry-refused] [--json]
@@ -85,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--config", help=config_help)
     r.add_argument("--worklist", help="worklist database (default: beside the archive)")
+    r.add_argument(
+        "--workers", type=int, metavar="N",
+        help="worker processes (default: batch.workers, 1); 0 screens in this process "
+        "without the time and memory limits",
+    )
+    r.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="run the studies on this Dask distributed scheduler (tcp://host:8786)",
+    )
     r.add_argument("--force", action="store_true", help="re-screen studies that are unchanged")
     r.add_argument("--json", action="store_true", help="print the run summary as JSON")
     r.set_defaults(func=_cmd_run)
@@ -173,18 +182,9 @@ def outbox_path(worklist: Path, config: Config) -> Path:
 
 
 def _archive(name: str, config: Config) -> Archive:
-    """A named archive of the config, or a folder given by its path."""
-    from .archive import open_archive
-    from .archive.folder import FolderArchive
+    from .archive import open_named
 
-    if name in config.archives:
-        return open_archive(name, config.archives[name])
-    if Path(name).is_dir():
-        return FolderArchive(name)
-    known = ", ".join(sorted(config.archives)) or "none configured"
-    raise CtscreenError(
-        f"expected an archive named in the config ({known}) or a folder, got {name!r}"
-    )
+    return open_named(name, config)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -192,21 +192,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .batch import run_batch
     from .outbox import Outbox
     from .run import Stages
+    from .state import StateStore
+    from .workers import DaskPool, InProcessPool, Pool, ProcessPool
     from .worklist import Worklist, format_table
 
     config = _config(args)
     archive = _archive(args.archive, config)
     if args.since and args.start:
         raise CtscreenError("give --since or --from, not both")
+    if args.workers is not None and args.scheduler:
+        raise CtscreenError("give --workers or --scheduler, not both")
     window = QueryWindow(args.start, args.end) if (args.start or args.end) else None
+    workers = config.batch.workers if args.workers is None else args.workers
+    _check_workers(workers, args, config)
+    # Loaded here even where workers screen: a model whose hash does not match stops the
+    # run before any study is touched.
     stages = Stages.load(config)
     wl_path = worklist_path(args.archive, args.worklist, config)
-    with Worklist(wl_path) as worklist, Outbox(outbox_path(wl_path, config), config.outbox) as ob:
-        summary = run_batch(
-            archive, stages, worklist, since=args.since, force=args.force, window=window,
-            outbox=ob,
-        )
+    state_target = config.batch.state_url or str(wl_path)
+    with (
+        Worklist(wl_path) as worklist,
+        Outbox(outbox_path(wl_path, config), config.outbox) as ob,
+        StateStore(state_target) as states,
+    ):
+        pool: Pool
+        if args.scheduler:
+            pool = DaskPool(args.scheduler, config, args.archive, state_target,
+                            stages.algorithm_version)
+        elif workers == 0:
+            pool = InProcessPool(stages, archive, states)
+        else:
+            pool = ProcessPool(workers, config, args.archive, state_target,
+                               stages.algorithm_version)
+        try:
+            summary = run_batch(
+                archive, stages, worklist, since=args.since, force=args.force, window=window,
+                outbox=ob, states=states, pool=pool,
+            )
+        finally:
+            pool.close()
         rows = worklist.rows()
+    _write_last_run(wl_path, summary.as_json())
     if args.json:
         print(json.dumps(summary.as_json(), indent=2))
     else:
@@ -217,7 +243,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"worklist: {wl_path}")
         root = getattr(archive, "root", None)
         print(f"results:  {root / 'ctscreen' if root is not None else archive.name}")
+    if summary.stopped:
+        return 4
     return 1 if summary.by_status.get("failed") else 0
+
+
+def _check_workers(workers: int, args: argparse.Namespace, config: Config) -> None:
+    if workers < 0:
+        raise CtscreenError(f"expected --workers 0 or more, got {workers}")
+    named = config.archives.get(args.archive)
+    if named is not None and named.kind == "dimse" and named.retrieve == "c-move" and (
+        workers > 1 or args.scheduler
+    ):
+        raise CtscreenError(
+            f"archive {args.archive} retrieves by C-MOVE to one port ({named.move_port}): "
+            "use one worker, or C-GET / DICOMweb for several"
+        )
+
+
+def _write_last_run(wl_path: Path, summary: dict[str, Any]) -> None:
+    """The run summary as JSON beside the worklist, for monitoring (replaced each run)."""
+    path = wl_path.with_name(wl_path.name + ".last-run.json")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
 
 
 def _cmd_echo(args: argparse.Namespace) -> int:

@@ -118,6 +118,9 @@ class LesionsConfig:
     # up from the working directory, then from the repository root
     model: str = "models/covid-lesions-unet2d"
     threads: int = 2  # onnxruntime intra-op threads
+    # onnxruntime execution providers in order of preference; empty: CUDA where this
+    # onnxruntime has it (onnxruntime-gpu), then CPU
+    providers: tuple[str, ...] = ()
     batch_slices: int = 16  # axial slices per onnxruntime call
     max_reported_findings: int = 20  # the largest N are reported one by one
     # Study-level pattern: involvement of both lungs together, in percent.
@@ -221,6 +224,26 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """The nightly run: parallelism, the per-study state, and limits per study.
+
+    A study over a limit is "not analysed: limit-exceeded:<which>" and the batch goes on;
+    it is tried again only when the limits change.  0 means "no limit" for each limit.
+    """
+
+    workers: int = 1  # processes that screen studies (models loaded once in each)
+    # Per-study state (see pipeline/state.py): empty = the worklist's SQLite file;
+    # "postgresql://user@host/db" (password from $PGPASSWORD) for a shared state.
+    state_url: str = ""
+    lease_s: float = 300.0  # a claimed study is taken over if its holder is silent this long
+    max_study_seconds: float = 1800.0  # wall time of one study's analysis
+    max_study_memory_mb: int = 6000  # memory one study may add to its worker
+    max_slices: int = 2000  # instances in the chosen series
+    max_series_bytes: int = 4 * 1024**3  # decoded pixel bytes of the chosen series
+    disk_reserve_mb: int = 1024  # below this free space (state, outbox, results), pull nothing
+
+
+@dataclass(frozen=True)
 class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
@@ -231,6 +254,7 @@ class Config:
     archives: dict[str, ArchiveConfig] = field(default_factory=dict)
     listen: ListenConfig = field(default_factory=ListenConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def archive(self, name: str) -> ArchiveConfig:
         """The archive configured under ``name``, or a ConfigError naming the known ones."""
@@ -244,8 +268,11 @@ class Config:
             ) from None
 
     def analysis_key(self) -> str:
-        """What the screening result depends on (for fingerprints): not where archives are."""
-        return repr((self.selection, self.volume, self.lungs, self.lesions, self.report))
+        """What the screening result depends on (for fingerprints): not where archives are,
+        nor how the work is spread (threads, processes, providers)."""
+        volume = dataclasses.replace(self.volume, decode_workers=0)
+        lesions = dataclasses.replace(self.lesions, threads=0, providers=(), batch_slices=0)
+        return repr((self.selection, volume, self.lungs, lesions, self.report))
 
 
 @dataclass(frozen=True)

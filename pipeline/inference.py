@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,9 @@ def load_model_spec(path: str | Path) -> ModelSpec:
 class OnnxPredictor:
     """One onnxruntime session, built once; the file's sha256 must match the spec."""
 
-    def __init__(self, spec: ModelSpec, threads: int = 2) -> None:
+    def __init__(
+        self, spec: ModelSpec, threads: int = 2, providers: Sequence[str] = ()
+    ) -> None:
         import onnxruntime as ort
 
         path = spec.onnx_path
@@ -139,19 +141,34 @@ class OnnxPredictor:
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        wanted = choose_providers(providers, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(path), opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts, providers=wanted)
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ModelError(f"model {spec.name}: onnxruntime cannot load {path}: {e}") from e
         self.input_name = self.session.get_inputs()[0].name
         self.spec = spec
-        log.info("model %s %s loaded from %s (sha256 %s..., %d threads)", spec.name,
-                 spec.version, path, digest[:12], threads)
+        # the provider that runs the model (CUDA falls back to CPU where its libraries fail)
+        self.provider = self.session.get_providers()[0]
+        log.info("model %s %s loaded from %s (sha256 %s..., %s, %d CPU threads)", spec.name,
+                 spec.version, path, digest[:12], self.provider, threads)
 
     def __call__(self, x: F32) -> F32:
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
         return np.asarray(out[0], dtype=np.float32)
+
+
+def choose_providers(configured: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The execution providers to ask for: the configured ones (a ModelError where one is
+    not available), or by default CUDA where onnxruntime has it, and always CPU last."""
+    if configured:
+        missing = [p for p in configured if p not in available]
+        if missing:
+            raise ModelError(f"expected onnxruntime providers {missing} (lesions.providers); "
+                             f"this onnxruntime has {list(available)}")
+        return list(configured)
+    auto = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*auto, "CPUExecutionProvider"]
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -271,7 +288,7 @@ class OnnxLesionDetector:
         if self.spec.task != "lesions" or len(self.spec.labels) != 3:
             raise ModelError(f"model {self.spec.name}: expected a 3-label lesions model, got "
                              f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
-        self.predictor = OnnxPredictor(self.spec, config.threads)
+        self.predictor = OnnxPredictor(self.spec, config.threads, config.providers)
         self.batch = max(1, config.batch_slices)
         self.name = self.spec.name
         self.version = self.spec.version

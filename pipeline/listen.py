@@ -46,10 +46,12 @@ from .archive.folder import FolderArchive
 from .artefacts import QueryWindow
 from .batch import BatchSummary, run_batch
 from .config import ListenConfig
+from .durable import TMP_PREFIX
 from .errors import ConfigError
 from .outbox import Outbox
 from .run import Stages
-from .worklist import RETRY_REASONS, Worklist
+from .state import RETRY_REASONS
+from .worklist import Worklist
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +200,7 @@ class Listener:
         folder = self.incoming / study
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".ctscreen-tmp", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}-{os.getpid()}-", dir=folder)
             with os.fdopen(fd, "wb") as fh:
                 # Preamble, file meta and the dataset as received: no re-encoding.
                 fh.write(event.encoded_dataset(include_meta=True))

@@ -115,7 +115,7 @@ class Outbox:
         of the same instance, delivered or not); returns its SOP Instance UID."""
         sop = str(ds.SOPInstanceUID)
         path = self.folder / "objects" / _file_name(archive, sop)
-        write_dataset_atomically(ds, path, tmp_prefix=".tmp")
+        write_dataset_atomically(ds, path)
         now = _now()
         with self._db:
             self._db.execute(

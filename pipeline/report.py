@@ -475,6 +475,13 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
         series_description=f"{ctx.algorithm_name} SEG - {DISCLAIMER}"[:64],
         **ctx.common_kwargs(),
     )
+    # highdicom draws a random Dimension Organization UID; a re-run must write the same
+    # object, so it derives from the SEG's own UIDs like every other UID here.
+    organisation = ctx.uid("seg-dimension-organization")
+    for item in seg.DimensionOrganizationSequence:
+        item.DimensionOrganizationUID = organisation
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = organisation
     return seg
 
 

@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from pydicom.dataset import Dataset
+
 from . import ALGORITHM_NAME, __version__
 from .archive import Archive
-from .artefacts import ScreeningResult, Status, StudyRef
-from .config import Config
+from .artefacts import ScreeningResult, SeriesRef, Status, StudyRef
+from .config import BatchConfig, Config
 from .errors import NotAnalysable
 from .lesions import LesionDetector, analyse, detector_for
 from .lungs import LungSegmenter, lung_mask_warnings, segmenter_for
 from .outbox import Outbox
 from .report import build_report
 from .selection import select_series
+from .state import State
 from .volume import build_volume
 from .writeback import write_back
 
 log = logging.getLogger(__name__)
+
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float and Double Float Pixel Data
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,24 @@ def run_study(
 ) -> ScreeningResult:
     """Screen one study and write its results back (through ``outbox`` where given: what
     the archive cannot take now waits there); never raises NotAnalysable."""
+    result, objects = screen_study(study, archive, stages)
+    if not objects:
+        return result
+    timings = dict(result.timings_s)
+    with timed(timings, "writeback"):
+        outputs = write_back(archive, objects, outbox)
+    return replace(result, outputs=outputs, timings_s=timings)
+
+
+def screen_study(
+    study: StudyRef,
+    archive: Archive,
+    stages: Stages,
+    progress: Callable[[State], None] = lambda _state: None,
+) -> tuple[ScreeningResult, list[tuple[str, Dataset]]]:
+    """Everything up to the result objects (not yet written): the result and the
+    ``(kind, dataset)`` pairs to store, none where the study was not analysed.
+    ``progress`` hears of the ``retrieved`` and ``analysed`` transitions."""
     cfg = stages.config
     timings: dict[str, float] = {}
     base = ScreeningResult(
@@ -65,7 +88,7 @@ def run_study(
     selection = select_series(study, cfg.selection)
     series = selection.chosen
     if series is None:
-        return replace(base, reasons=selection.reasons)
+        return replace(base, reasons=selection.reasons), []
     base = replace(
         base,
         series_uid=series.series_uid,
@@ -73,20 +96,28 @@ def run_study(
         n_slices=len(series.instances),
     )
     try:
-        with _timed(timings, "read"):
+        check_size_limits(series, cfg.batch)
+        with timed(timings, "read"):
             datasets = archive.load([h.locator for h in series.instances])
-        with _timed(timings, "volume"):
+        progress(State.RETRIEVED)
+        with timed(timings, "volume"):
             ct, sources = build_volume(datasets, cfg.volume)
-        with _timed(timings, "lungs"):
+        del datasets
+        for ds in sources:  # the volume holds the pixels now; the report needs headers only
+            for tag in PIXEL_DATA_TAGS:
+                if tag in ds:
+                    del ds[tag]
+        with timed(timings, "lungs"):
             lungs = stages.lungs(ct)
             warnings = lung_mask_warnings(lungs, cfg.lungs)
-        with _timed(timings, "lesions"):
+        with timed(timings, "lesions"):
             labels = stages.lesions(ct, lungs)
             analysis = analyse(ct, lungs, labels, cfg.lesions, stages.lesions.name)
     except NotAnalysable as e:
         log.info("study %s not analysed: %s", study.study_uid, e)
-        return replace(base, reasons=(e.code,))
-    with _timed(timings, "report"):
+        return replace(base, reasons=(e.code,)), []
+    progress(State.ANALYSED)
+    with timed(timings, "report"):
         objects = build_report(
             ct,
             sources,
@@ -96,14 +127,8 @@ def run_study(
             algorithm_name=ALGORITHM_NAME,
             algorithm_version=stages.algorithm_version,
         )
-    with _timed(timings, "writeback"):
-        outputs = write_back(
-            archive,
-            [("seg", objects.seg), ("sr", objects.sr)] + [("sc", d) for d in objects.key_images],
-            outbox,
-        )
     right, left = analysis.lungs
-    return replace(
+    result = replace(
         base,
         status=Status.ANALYSED,
         warnings=warnings,
@@ -114,12 +139,34 @@ def run_study(
         suspicion=analysis.suspicion,
         pattern=analysis.pattern,
         n_findings=analysis.n_findings_total,
-        outputs=outputs,
     )
+    return result, [("seg", objects.seg), ("sr", objects.sr)] + [
+        ("sc", d) for d in objects.key_images
+    ]
+
+
+def check_size_limits(series: SeriesRef, limits: BatchConfig) -> None:
+    """Refuse a series larger than the per-study limits, from its headers alone (before
+    any pixel data is fetched): ``limit-exceeded:slices`` or ``limit-exceeded:bytes``."""
+    n = len(series.instances)
+    if limits.max_slices and n > limits.max_slices:
+        raise NotAnalysable(
+            "limit-exceeded:slices", f"{n} slices; batch.max_slices is {limits.max_slices}"
+        )
+    # CT pixels are stored in 16 bits (the volume stage refuses anything else)
+    size = sum(
+        (h.rows or 0) * (h.columns or 0) * max(h.number_of_frames, 1) * 2
+        for h in series.instances
+    )
+    if limits.max_series_bytes and size > limits.max_series_bytes:
+        raise NotAnalysable(
+            "limit-exceeded:bytes",
+            f"{size} bytes of pixels; batch.max_series_bytes is {limits.max_series_bytes}",
+        )
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     t0 = time.perf_counter()
     try:
         yield

@@ -49,10 +49,6 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 """
 
-# Reasons that say "the archive let us down this time", not "this input cannot be
-# analysed": a study refused for one of these is tried again by the next run.
-RETRY_REASONS = ("incomplete-retrieval", "archive-error")
-
 _GROUP = {Pattern.PRESENT.value: 0, Pattern.INDETERMINATE.value: 1, Pattern.ABSENT.value: 3}
 _FLAG = {
     Pattern.PRESENT.value: "FLAG",
@@ -112,18 +108,6 @@ class Worklist:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def done(self, study_uid: str, fingerprint: str) -> bool:
-        """Whether the study was screened (or refused) on exactly this input and setup."""
-        row = self._db.execute(
-            "SELECT fingerprint, status, reasons FROM studies WHERE study_uid = ?", (study_uid,)
-        ).fetchone()
-        if row is None or row["fingerprint"] != fingerprint:
-            return False
-        if row["status"] == Status.FAILED.value:
-            return False
-        reasons = json.loads(row["reasons"])
-        return not any(r.split(":")[0] in RETRY_REASONS for r in reasons)
 
     def outputs(self, study_uid: str) -> list[OutputRef]:
         """The result objects recorded for the study by its last run."""

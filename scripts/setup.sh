@@ -2,7 +2,8 @@
 # Creates .venv and installs ctscreen into it; with --test also the test tools
 # (Python extras and Debian packages: dicom3tools for dciodvfy; orthanc, orthanc-dicomweb and
 # orthanc-gdcm, the real PACS the tests start on loopback with their own configuration;
-# dcmtk, whose storescu/findscu are the independent DICOM implementation the tests talk to).
+# dcmtk, whose storescu/findscu are the independent DICOM implementation the tests talk to;
+# postgresql, the server the tests start in a temporary folder for the shared batch state).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,7 @@ if [[ "${1:-}" == "--test" ]]; then
     [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || missing+=(orthanc-dicomweb)
     [[ -f /usr/share/orthanc/plugins/libOrthancGdcm.so ]] || missing+=(orthanc-gdcm)
     command -v storescu >/dev/null && command -v findscu >/dev/null || missing+=(dcmtk)
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     if ((${#missing[@]})); then
         echo "installing Debian packages: ${missing[*]}"
         sudo_cmd=""

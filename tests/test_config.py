@@ -77,3 +77,20 @@ def test_bad_archives_are_refused(tmp_path: Path, text: str, message: str) -> No
     p.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(p)
+
+
+def test_how_the_work_is_spread_does_not_change_the_fingerprint_key() -> None:
+    import dataclasses
+
+    base = Config()
+    spread = dataclasses.replace(
+        base,
+        volume=dataclasses.replace(base.volume, decode_workers=4),
+        lesions=dataclasses.replace(base.lesions, threads=8, batch_slices=64,
+                                    providers=("CPUExecutionProvider",)),
+        batch=dataclasses.replace(base.batch, workers=8),
+    )
+    assert spread.analysis_key() == base.analysis_key()
+    lungs = dataclasses.replace(base.lungs, air_threshold_hu=-450)
+    changed = dataclasses.replace(base, lungs=lungs)
+    assert changed.analysis_key() != base.analysis_key()

@@ -76,7 +76,7 @@ def test_rerun_replaces_and_never_duplicates(
     before = sorted(p.name for p in (phantom_archive / "ctscreen").rglob("*.dcm"))
     capsys.readouterr()
     assert main(["run", "--archive", str(phantom_archive)]) == 0
-    assert "2 unchanged since their last run" in capsys.readouterr().out
+    assert "0 screened now, 2 already done" in capsys.readouterr().out
     assert main(["run", "--archive", str(phantom_archive), "--force"]) == 0
     after = sorted(p.name for p in (phantom_archive / "ctscreen").rglob("*.dcm"))
     assert before == after

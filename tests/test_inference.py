@@ -167,3 +167,16 @@ def test_committed_model_on_lidc(shared_data: Path) -> None:
     assert not opacity
     assert all(f.volume_ml < 2.0 for f in an.findings)
     assert an.n_findings_total <= 25 and an.involved_pct < 0.3
+
+
+def test_providers_default_to_cuda_where_present_and_cpu_always() -> None:
+    from pipeline.errors import ModelError
+    from pipeline.inference import choose_providers
+
+    cpu = ["CPUExecutionProvider"]
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers((), cpu) == cpu
+    assert choose_providers((), gpu) == gpu
+    assert choose_providers(("CPUExecutionProvider",), gpu) == cpu
+    with pytest.raises(ModelError, match="CUDAExecutionProvider"):
+        choose_providers(("CUDAExecutionProvider",), cpu)

@@ -483,9 +483,25 @@ def test_uids_are_idempotent_and_versioned(built: ReportObjects, case: Case) -> 
 
     assert uids(again) == uids(built)
     assert not set(uids(other)) & set(uids(built))
+    # every UID in every object, nested ones included (highdicom draws some at random)
+    assert _all_uids(again) == _all_uids(built)
     assert str(again.sr.ContentDate) == "20300506"  # content date follows ``created``
     assert len({ds.SeriesInstanceUID for _, ds in _all(built)}) == 3  # one series per kind
     assert len({ds.SOPInstanceUID for _, ds in _all(built)}) == 2 + len(built.key_images)
+
+
+def _all_uids(o: ReportObjects) -> list[str]:
+    out: list[str] = []
+    for _, ds in _all(o):
+        stack = [ds]
+        while stack:
+            d = stack.pop()
+            for elem in d:
+                if elem.VR == "SQ":
+                    stack.extend(elem.value)
+                elif elem.VR == "UI":
+                    out.append(f"{elem.keyword}={elem.value}")
+    return out
 
 
 def test_absent_study_builds_and_validates(small: tuple[Volume, list[pydicom.Dataset]],

@@ -72,15 +72,12 @@ def test_a_doubtful_negative_is_never_shown_as_negative(tmp_path: Path) -> None:
     assert rows[0].warnings == ["lung-asymmetry"]
 
 
-def test_record_replaces_and_done_tracks_fingerprint(tmp_path: Path) -> None:
+def test_record_replaces_the_row(tmp_path: Path) -> None:
     path = tmp_path / "wl.sqlite"
     with Worklist(path) as wl:
         wl.record(_analysed("1.1", 0.5, Pattern.PRESENT), "A")
         wl.record(_analysed("1.1", 0.1, Pattern.ABSENT), "B")
         assert len(wl.rows()) == 1 and wl.rows()[0].pattern == "absent"
-        assert wl.done("1.1", "B") and not wl.done("1.1", "A")
-        wl.record(ScreeningResult("1.2", "", "", Status.FAILED, reasons=("x",)), "C")
-        assert not wl.done("1.2", "C")  # failed studies are retried
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -25,7 +25,7 @@ from ..artefacts import QueryWindow
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from ..config import ArchiveConfig
+    from ..config import ArchiveConfig, Config
 
 
 class Archive(Protocol):
@@ -74,6 +74,23 @@ def open_archive(name: str, config: ArchiveConfig) -> Archive:
     from .folder import FolderArchive
 
     return FolderArchive(config.path)
+
+
+def open_named(name: str, config: Config) -> Archive:
+    """An archive named in the config's ``archives:``, or a folder given by its path."""
+    from pathlib import Path
+
+    from ..errors import CtscreenError
+    from .folder import FolderArchive
+
+    if name in config.archives:
+        return open_archive(name, config.archives[name])
+    if Path(name).is_dir():
+        return FolderArchive(name)
+    known = ", ".join(sorted(config.archives)) or "none configured"
+    raise CtscreenError(
+        f"expected an archive named in the config ({known}) or a folder, got {name!r}"
+    )
 
 
 def locator(study_uid: str, series_uid: str, sop_uid: str) -> str:

@@ -1,0 +1,481 @@
+"""Where studies are screened: in this process, in N worker processes, or on a Dask cluster.
+
+The batch (batch.py) claims a study, hands it to a pool, and takes back an ``Outcome``:
+the screening result and the result objects, not yet written (the batch writes them,
+records the worklist row and moves the state on).  Every pool loads the models once per
+process, and every pool reports the ``retrieved`` and ``analysed`` transitions into the
+same state store as the batch.
+
+- ``InProcessPool`` (``--workers 0``): here, one study at a time; no time or memory limit.
+- ``ProcessPool`` (``--workers N``, N >= 1, the default N = 1): N worker processes under
+  supervision.  A study that runs longer than ``batch.max_study_seconds`` or whose worker
+  grows by more than ``batch.max_study_memory_mb`` is stopped (its worker killed and
+  started afresh) and becomes "not analysed: limit-exceeded:time|memory".  A worker that
+  dies otherwise gives "failed: worker-died:<exit code>", retried by the next run.
+  Workers die with the batch (``PR_SET_PDEATHSIG``).
+- ``DaskPool`` (``--scheduler ADDRESS``): tasks on an existing Dask distributed cluster;
+  each Dask worker process loads the models once (cached by configuration).  Dask itself
+  re-runs the task of a worker that died.  The time limit is enforced by the batch: the
+  study becomes "limit-exceeded:time" and its task is cancelled (a running task runs on
+  until it returns, its outcome ignored); memory is Dask's own worker memory limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydicom.dataset import Dataset
+
+from .artefacts import ScreeningResult, Status, StudyRef
+from .errors import ArchiveError, ConfigError
+from .state import StateStore
+
+if TYPE_CHECKING:
+    from .archive import Archive
+    from .config import Config
+    from .run import Stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One study's screening, back from a pool: nothing written yet."""
+
+    study_uid: str
+    result: ScreeningResult
+    objects: list[tuple[str, Dataset]] = field(default_factory=list)
+    lease_lost: bool = False  # the worker found the study taken over by another run
+
+
+class Pool(Protocol):
+    @property
+    def capacity(self) -> int:
+        """Studies it can work on at once."""
+        ...
+
+    def submit(self, study: StudyRef, owner: str) -> None: ...
+
+    def next_done(self) -> Outcome:
+        """Block until a submitted study is finished (or stopped at a limit)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def refused(study: StudyRef, status: Status, code: str, algorithm_version: str) -> ScreeningResult:
+    """The result of a study stopped or failed outside the stages."""
+    return ScreeningResult(
+        study_uid=study.study_uid,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        status=status,
+        reasons=(code,),
+        algorithm_version=algorithm_version,
+    )
+
+
+def screen_one(
+    study: StudyRef, owner: str, stages: Stages, archive: Archive, states: StateStore | None
+) -> Outcome:
+    """Screen one study in this process; every failure becomes an outcome, never raises."""
+    from .run import screen_study
+    from .state import LeaseLost
+
+    def progress(state: Any) -> None:
+        if states is not None:
+            states.advance(study.study_uid, state, owner)
+
+    version = stages.algorithm_version
+    try:
+        result, objects = screen_study(study, archive, stages, progress)
+        return Outcome(study.study_uid, result, [(kind, _plain(ds)) for kind, ds in objects])
+    except LeaseLost:
+        log.warning("study %s: taken over by another run; dropped here", study.study_uid)
+        return Outcome(
+            study.study_uid, refused(study, Status.FAILED, "lease-lost", version), [], True
+        )
+    except MemoryError:
+        log.error("study %s: over its memory limit", study.study_uid)
+        code, status = "limit-exceeded:memory", Status.NOT_ANALYSED
+    except ArchiveError as e:
+        log.error("study %s: archive error: %s", study.study_uid, e)
+        code, status = "archive-error", Status.FAILED
+    except Exception as e:  # one study's defect must not stop the night
+        if "bad_alloc" in str(e) or "Failed to allocate" in str(e):  # C++ libraries
+            log.error("study %s: over its memory limit (%s)", study.study_uid, type(e).__name__)
+            code, status = "limit-exceeded:memory", Status.NOT_ANALYSED
+        else:
+            log.exception("study %s: unexpected %s", study.study_uid, type(e).__name__)
+            code, status = f"internal-error:{type(e).__name__}", Status.FAILED
+    return Outcome(study.study_uid, refused(study, status, code, version))
+
+
+def _plain(ds: Dataset) -> Dataset:
+    """The same elements in a plain pydicom Dataset: highdicom's objects carry an in-memory
+    SQLite database that cannot be pickled outside the thread that made it (Dask
+    serialises results on another thread)."""
+    out = Dataset(ds)
+    out.file_meta = ds.file_meta
+    out.preamble = ds.preamble
+    return out
+
+
+class InProcessPool:
+    """Screens in this process, one study at a time (no time or memory limits)."""
+
+    capacity = 1
+
+    def __init__(self, stages: Stages, archive: Archive, states: StateStore | None) -> None:
+        self._stages, self._archive, self._states = stages, archive, states
+        self._done: deque[Outcome] = deque()
+
+    def submit(self, study: StudyRef, owner: str) -> None:
+        self._done.append(screen_one(study, owner, self._stages, self._archive, self._states))
+
+    def next_done(self) -> Outcome:
+        return self._done.popleft()
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the process that started it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() == 1:  # the parent died before the request was made
+        os._exit(1)
+
+
+def _worker_main(
+    conn: Connection, config: Config, archive_name: str, state_target: str, log_level: int
+) -> None:
+    _die_with_parent()
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)-7s %(name)s[w{os.getpid()}]: %(message)s",
+    )
+    logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
+    from .archive import open_named
+    from .run import Stages
+
+    stages = Stages.load(config)
+    archive = open_named(archive_name, config)
+    states = StateStore(state_target) if state_target else None
+    _limit_data(config.batch.max_study_memory_mb)
+    conn.send(("ready", tree_rss(os.getpid())))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        study, owner = job
+        conn.send(screen_one(study, owner, stages, archive, states))
+
+
+def _limit_data(allowance_mb: int) -> None:
+    """Cap this worker's data memory at what it holds now plus ``allowance_mb``: an
+    allocation beyond fails at once with MemoryError (the study becomes
+    limit-exceeded:memory) instead of growing until the kernel kills something."""
+    if allowance_mb <= 0:
+        return
+    import resource
+
+    import numpy as np
+
+    # OpenBLAS allocates its per-thread buffers on first use and exits the process when it
+    # cannot: let it take them now, before the cap.
+    a = np.ones((512, 512))
+    _ = a @ a
+
+    held = 0
+    for line in open("/proc/self/status"):
+        if line.startswith("VmData:"):
+            held = int(line.split()[1]) * 1024
+    soft = held + allowance_mb * 1024**2
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its children (the decoding pool)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process (spawn context)
+    conn: Connection
+    baseline_rss: int = 0
+    study: StudyRef | None = None
+    started: float = 0.0
+
+
+class ProcessPool:
+    """N supervised worker processes (see the module docstring)."""
+
+    POLL_S = 0.25
+
+    def __init__(
+        self, n: int, config: Config, archive_name: str, state_target: str,
+        algorithm_version: str,
+    ) -> None:
+        if n < 1:
+            raise ConfigError(f"expected at least one worker process, got {n}")
+        self._config, self._archive_name = config, archive_name
+        self._state_target, self._version = state_target, algorithm_version
+        self._ctx = mp.get_context("spawn")
+        self._workers = [self._start() for _ in range(n)]
+        self._ready: deque[Outcome] = deque()
+        for w in self._workers:
+            self._await_ready(w)
+
+    @property
+    def capacity(self) -> int:
+        return len(self._workers)
+
+    def _start(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        p = self._ctx.Process(
+            target=_worker_main,
+            args=(child, self._config, self._archive_name, self._state_target,
+                  logging.getLogger("pipeline").getEffectiveLevel()),
+            name="ctscreen-worker",
+        )
+        p.start()
+        child.close()
+        return _Worker(p, parent)
+
+    def _await_ready(self, w: _Worker) -> None:
+        if not w.conn.poll(300):
+            raise ConfigError("a worker process did not start within 300 s")
+        try:
+            tag, rss = w.conn.recv()
+        except EOFError:
+            w.process.join()
+            raise ConfigError(
+                f"a worker process could not load the stages (exit code {w.process.exitcode});"
+                " see the log above"
+            ) from None
+        assert tag == "ready"
+        w.baseline_rss = int(rss)
+
+    def submit(self, study: StudyRef, owner: str) -> None:
+        w = next(w for w in self._workers if w.study is None)
+        w.study, w.started = study, time.monotonic()
+        w.conn.send((study, owner))
+
+    def next_done(self) -> Outcome:
+        limits = self._config.batch
+        while not self._ready:
+            busy = [w for w in self._workers if w.study is not None]
+            if not busy:
+                raise RuntimeError("next_done() with nothing submitted")
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], self.POLL_S)
+            now = time.monotonic()
+            for w in busy:
+                assert w.study is not None
+                if w.conn in ready:
+                    try:
+                        out = w.conn.recv()
+                    except (EOFError, OSError):
+                        out = None
+                    if out is not None:
+                        self._ready.append(out)
+                        w.study = None
+                        continue
+                if w.process.sentinel in ready or not w.process.is_alive():
+                    w.process.join()
+                    code = w.process.exitcode
+                    log.error("study %s: its worker died (exit code %s)", w.study.study_uid, code)
+                    self._replace(w, Status.FAILED, f"worker-died:{code}")
+                elif limits.max_study_seconds and now - w.started > limits.max_study_seconds:
+                    log.error("study %s: over batch.max_study_seconds (%.0f s); stopped",
+                              w.study.study_uid, limits.max_study_seconds)
+                    self._replace(w, Status.NOT_ANALYSED, "limit-exceeded:time")
+                elif (
+                    limits.max_study_memory_mb
+                    and tree_rss(w.process.pid) - w.baseline_rss
+                    > limits.max_study_memory_mb * 1024**2
+                ):
+                    log.error("study %s: over batch.max_study_memory_mb (%d MB); stopped",
+                              w.study.study_uid, limits.max_study_memory_mb)
+                    self._replace(w, Status.NOT_ANALYSED, "limit-exceeded:memory")
+        return self._ready.popleft()
+
+    def _replace(self, w: _Worker, status: Status, code: str) -> None:
+        """Stop ``w`` (its study ends with ``code``) and start a fresh worker in its place."""
+        assert w.study is not None
+        self._ready.append(
+            Outcome(w.study.study_uid, refused(w.study, status, code, self._version))
+        )
+        _kill_tree(w.process.pid)
+        w.process.join()
+        w.conn.close()
+        fresh = self._start()
+        self._await_ready(fresh)
+        self._workers[self._workers.index(w)] = fresh
+
+    def close(self) -> None:
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in self._workers:
+            w.process.join(timeout=10)
+            if w.process.is_alive():
+                _kill_tree(w.process.pid)
+                w.process.join()
+            w.conn.close()
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [*p.children(recursive=True), p]
+    except psutil.Error:
+        return
+    for q in procs:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
+# ------------------------------------------------------------------ Dask
+
+
+_DASK_CACHE: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+
+
+def _dask_screen(
+    study: StudyRef, owner: str, config: Config, archive_name: str, state_target: str
+) -> Outcome:
+    """The task run on a Dask worker: the stages are loaded once per worker process."""
+    from .archive import open_named
+    from .run import Stages
+
+    key = (config.analysis_key() + repr(config.archives), archive_name, state_target)
+    if key not in _DASK_CACHE:
+        _DASK_CACHE[key] = (
+            Stages.load(config),
+            open_named(archive_name, config),
+            StateStore(state_target) if state_target else None,
+        )
+    stages, archive, states = _DASK_CACHE[key]
+    return screen_one(study, owner, stages, archive, states)
+
+
+class DaskPool:
+    """Tasks on an existing Dask distributed cluster (see the module docstring)."""
+
+    POLL_S = 0.5
+
+    def __init__(
+        self, address: str, config: Config, archive_name: str, state_target: str,
+        algorithm_version: str,
+    ) -> None:
+        try:
+            from distributed import Client
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ConfigError(
+                "--scheduler needs dask and distributed (pip install 'ctscreen[cluster]')"
+            ) from e
+        try:
+            self._client = Client(address, timeout=30)
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"cannot reach the Dask scheduler at {address}: {e}") from e
+        self._config, self._archive_name = config, archive_name
+        self._state_target, self._version = state_target, algorithm_version
+        self._futures: dict[Any, tuple[StudyRef, float]] = {}
+        self._ready: deque[Outcome] = deque()
+        # decoding in a pool of processes is not allowed inside daemonic Dask workers
+        self._task_config = replace(config, volume=replace(config.volume, decode_workers=1))
+
+    @property
+    def capacity(self) -> int:
+        threads = sum(self._client.nthreads().values())
+        return max(1, threads)
+
+    def submit(self, study: StudyRef, owner: str) -> None:
+        fut = self._client.submit(
+            _dask_screen, study, owner, self._task_config, self._archive_name,
+            self._state_target, pure=False, key=f"ctscreen-{study.study_uid}-{owner[-12:]}",
+        )
+        self._futures[fut] = (study, time.monotonic())
+
+    def next_done(self) -> Outcome:
+        from distributed import wait as dask_wait
+
+        limit = self._config.batch.max_study_seconds
+        while not self._ready:
+            if not self._futures:
+                raise RuntimeError("next_done() with nothing submitted")
+            try:
+                done, _ = dask_wait(
+                    list(self._futures), timeout=self.POLL_S, return_when="FIRST_COMPLETED"
+                )
+            except TimeoutError:
+                done = set()
+            now = time.monotonic()
+            for fut in list(self._futures):
+                study, started = self._futures[fut]
+                if fut in done or fut.done():
+                    del self._futures[fut]
+                    try:
+                        self._ready.append(fut.result())
+                    except Exception as e:  # noqa: BLE001 - the task failed (e.g. KilledWorker)
+                        log.error("study %s: task failed on the cluster: %s",
+                                  study.study_uid, type(e).__name__)
+                        self._ready.append(Outcome(study.study_uid, refused(
+                            study, Status.FAILED, f"worker-died:{type(e).__name__}",
+                            self._version)))
+                elif limit and now - started > limit:
+                    del self._futures[fut]
+                    fut.cancel()
+                    log.error("study %s: over batch.max_study_seconds; cancelled",
+                              study.study_uid)
+                    self._ready.append(Outcome(study.study_uid, refused(
+                        study, Status.NOT_ANALYSED, "limit-exceeded:time", self._version)))
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        self._client.close()
