@@ -448,18 +448,26 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
     lung = ctx.lungs.labels.array
     les = ctx.analysis.labels.array
     order: list[Side | LesionKind] = sorted(SEGMENT_NUMBERS, key=SEGMENT_NUMBERS.__getitem__)
+    # Only the slices that hold some segment become frames (highdicom would drop the empty
+    # frames anyway, but its checks over the whole stack dominated the report's time).
+    ks = np.flatnonzero((lung > 0).any(axis=(1, 2)) | (les > 0).any(axis=(1, 2)))
     # Stacked-segments style (segments overlap: lesions lie inside the lungs), one uint8 plane
-    # per segment; highdicom drops the all-zero frames (omit_empty_frames).
-    stack = np.zeros((*ctx.ct.shape, len(order)), dtype=np.uint8)
+    # per segment; highdicom drops the all-zero frames (omit_empty_frames).  Each segment is
+    # one contiguous block in memory (a (k, r, c, segment) view of a (segment, k, r, c)
+    # array): highdicom's checks reduce over the segment axis 4x faster than when the
+    # segments are interleaved, and each frame it copies out is contiguous.
+    planes = np.zeros((len(order), len(ks), *ctx.ct.shape[1:]), dtype=np.uint8)
+    lung_k, les_k = lung[ks], les[ks]
     for i, what in enumerate(order):
         if isinstance(what, Side):
-            stack[..., i] = lung == LUNG_LABELS[what]
+            np.equal(lung_k, LUNG_LABELS[what], out=planes[i], casting="unsafe")
         else:
-            stack[..., i] = les == LESION_LABELS[what]
+            np.equal(les_k, LESION_LABELS[what], out=planes[i], casting="unsafe")
+    stack = planes.transpose(1, 2, 3, 0)
     algorithm = _algorithm_sequence(ctx)
     descriptions = [_segment_description(ctx, what, algorithm) for what in order]
     seg = hd.seg.Segmentation(
-        source_images=_one_frame_of_reference(ctx.sources),
+        source_images=_one_frame_of_reference([ctx.sources[k] for k in ks]),
         pixel_array=stack,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

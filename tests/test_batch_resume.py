@@ -6,6 +6,7 @@ worklist must equal those of an uninterrupted run."""
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from batch_kit import (
     snapshot,
     start,
     states,
+    worklist_file,
     write_batch,
 )
 
@@ -84,8 +86,10 @@ def test_killed_at_every_state_boundary(
 
 
 def test_killed_at_random_points(source: Path, reference: dict[str, Any], tmp_path: Path) -> None:
-    """SIGKILL to the run alone (its worker must die with it), at random times; when a
-    batch completes, it is checked and a fresh copy is started, until 50 kills."""
+    """SIGKILL to the run alone (its worker must die with it), at random times: one kill in
+    five from the process start (start-up, query, discovery), the others from the moment
+    the run holds its first study (so that a slow machine still kills inside studies).
+    When a batch completes, it is checked and a fresh copy is started, until 50 kills."""
     rng = random.Random(SEED)
     kills = rounds = 0
     mid_study = 0  # kills that found a study between claim and its end state
@@ -95,8 +99,12 @@ def test_killed_at_random_points(source: Path, reference: dict[str, Any], tmp_pa
         archive, config = prepare(source, tmp_path / f"round{rounds}")
         while kills < RANDOM_KILLS:
             p = start(archive, config, mark=mark)
+            if kills % 5 == 0 or _wait_for_a_claim(archive, p):
+                delay = rng.uniform(0.2, 3.0)
+            else:
+                delay = 0.0  # it finished before claiming anything
             try:
-                p.wait(timeout=rng.uniform(0.5, 8.0))
+                p.wait(timeout=delay or None)
             except subprocess.TimeoutExpired:
                 kill_hard(p)
                 kills += 1
@@ -109,7 +117,23 @@ def test_killed_at_random_points(source: Path, reference: dict[str, Any], tmp_pa
         finish(start(archive, config, mark=mark))
         check_final(archive, reference)
     assert leftover_processes(mark) == []
-    assert mid_study >= 5, "too few kills landed inside a study"
+    assert mid_study >= 10, "too few kills landed inside a study"
+
+
+def _wait_for_a_claim(archive: Path, p: subprocess.Popen[str]) -> bool:
+    """Until the run ``p`` holds a study (True) or has exited (False)."""
+    db = worklist_file(archive)
+    while p.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as c:
+                    owners = [r[0] for r in c.execute("SELECT owner FROM study_state")]
+            except sqlite3.OperationalError:  # the table is not made yet
+                owners = []
+            if any(f":{p.pid}:" in o for o in owners):
+                return True
+        time.sleep(0.05)
+    return False
 
 
 def test_concurrent_runs_screen_each_study_once(
