@@ -232,6 +232,15 @@ def screen(
     return rows
 
 
+Screen = Callable[[Path], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def screened(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Screen:
+    """:func:`screen` bound to this test's captured output and log."""
+    return lambda root: screen(root, capfd, caplog)
+
+
 def refused(rows: list[dict[str, Any]], code: str) -> dict[str, Any]:
     """The study's only row, not analysed with exactly ``code``; nothing written."""
     (row,) = rows
@@ -254,101 +263,69 @@ def analysed(rows: list[dict[str, Any]], root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- 1. truncated files
 
 
-@pytest.fixture
-def truncated_in_pixel_data(tmp_path: Path) -> Path:
-    """One slice cut short 1000 bytes into its pixel data."""
+def cut_middle_slice(tmp_path: Path, tag: int, keep: int, from_value: bool = True) -> Path:
+    """An archive whose middle slice ends ``keep`` bytes after the start of ``tag``'s value
+    (``from_value``) or of its element header."""
     root = archive_root(tmp_path)
     path = write_study(root / "study")[MIDDLE]
     data = path.read_bytes()
-    _, value_at, _ = elements(data)[PIXEL_DATA]
-    path.write_bytes(data[: value_at + 1000])
+    start, value_at, _ = elements(data)[tag]
+    path.write_bytes(data[: (value_at if from_value else start) + keep])
     return root
+
+
+@pytest.fixture
+def truncated_in_pixel_data(tmp_path: Path) -> Path:
+    """One slice cut short 1000 bytes into its pixel data."""
+    return cut_middle_slice(tmp_path, PIXEL_DATA, 1000)
 
 
 @pytest.fixture
 def truncated_in_header(tmp_path: Path) -> Path:
     """One slice cut short inside a header value (PixelSpacing), after the UIDs."""
-    root = archive_root(tmp_path)
-    path = write_study(root / "study")[MIDDLE]
-    data = path.read_bytes()
-    _, value_at, _ = elements(data)[PIXEL_SPACING]
-    path.write_bytes(data[: value_at + 3])
-    return root
+    return cut_middle_slice(tmp_path, PIXEL_SPACING, 3)
 
 
 @pytest.fixture
 def truncated_in_element_header(tmp_path: Path) -> Path:
     """One slice cut inside the 4-byte length of its Pixel Data element header."""
-    root = archive_root(tmp_path)
-    path = write_study(root / "study")[MIDDLE]
-    data = path.read_bytes()
-    start, _, _ = elements(data)[PIXEL_DATA]
-    path.write_bytes(data[: start + 10])
-    return root
+    return cut_middle_slice(tmp_path, PIXEL_DATA, 10, from_value=False)
 
 
 @pytest.fixture
 def truncated_in_series_uid(tmp_path: Path) -> Path:
     """One slice cut inside its SeriesInstanceUID value: the study is known, the series
     (the half UID read is another UID) is not."""
-    root = archive_root(tmp_path)
-    path = write_study(root / "study")[MIDDLE]
-    data = path.read_bytes()
-    _, value_at, _ = elements(data)[SERIES_INSTANCE_UID]
-    path.write_bytes(data[: value_at + 20])
-    return root
+    return cut_middle_slice(tmp_path, SERIES_INSTANCE_UID, 20)
 
 
 @pytest.fixture
 def truncated_before_study_uid(tmp_path: Path) -> Path:
     """One slice cut inside its SeriesDescription, before any UID but its SOP's."""
-    root = archive_root(tmp_path)
-    path = write_study(root / "study")[MIDDLE]
-    data = path.read_bytes()
-    _, value_at, _ = elements(data)[SERIES_DESCRIPTION]
-    path.write_bytes(data[: value_at + 5])
-    return root
+    return cut_middle_slice(tmp_path, SERIES_DESCRIPTION, 5)
 
 
-def test_truncated_in_pixel_data(
-    truncated_in_pixel_data: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    refused(screen(truncated_in_pixel_data, capfd, caplog), "truncated-file")
+def test_truncated_in_pixel_data(truncated_in_pixel_data: Path, screened: Screen) -> None:
+    refused(screened(truncated_in_pixel_data), "truncated-file")
 
 
-def test_truncated_in_header(
-    truncated_in_header: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    refused(screen(truncated_in_header, capfd, caplog), "truncated-file")
+def test_truncated_in_header(truncated_in_header: Path, screened: Screen) -> None:
+    refused(screened(truncated_in_header), "truncated-file")
 
 
-def test_truncated_in_element_header(
-    truncated_in_element_header: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    refused(screen(truncated_in_element_header, capfd, caplog), "truncated-file")
+def test_truncated_in_element_header(truncated_in_element_header: Path, screened: Screen) -> None:
+    refused(screened(truncated_in_element_header), "truncated-file")
 
 
-def test_truncated_in_series_uid(
-    truncated_in_series_uid: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_truncated_in_series_uid(truncated_in_series_uid: Path, screened: Screen) -> None:
     """The cut slice may belong to any series of the study: the study is refused."""
-    refused(screen(truncated_in_series_uid, capfd, caplog), "truncated-file")
+    refused(screened(truncated_in_series_uid), "truncated-file")
 
 
-def test_truncated_before_study_uid(
-    truncated_before_study_uid: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_truncated_before_study_uid(truncated_before_study_uid: Path, screened: Screen) -> None:
     """The cut slice cannot be told to belong to the study: it gets its own row (keyed by
     its folder) saying why, and the study, one slice short, is refused for the gap."""
-    rows = screen(truncated_before_study_uid, capfd, caplog)
+    rows = screened(truncated_before_study_uid)
     by_uid = {r["study_uid"]: r for r in rows}
     assert len(rows) == 2, rows
     study = by_uid.pop(STUDY_UID)
@@ -371,10 +348,8 @@ def missing_pixel_data(tmp_path: Path) -> Path:
     return root
 
 
-def test_missing_pixel_data(
-    missing_pixel_data: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    refused(screen(missing_pixel_data, capfd, caplog), "missing-pixel-data")
+def test_missing_pixel_data(missing_pixel_data: Path, screened: Screen) -> None:
+    refused(screened(missing_pixel_data), "missing-pixel-data")
 
 
 # ---------------------------------------------------------------- 3. Rows / Columns
@@ -415,28 +390,22 @@ def rows_differ_in_one_slice(tmp_path: Path) -> Path:
 
 def test_rows_columns_smaller_than_pixel_data(
     rows_columns_smaller_than_pixel_data: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
+    screened: Screen,
 ) -> None:
-    rows = screen(rows_columns_smaller_than_pixel_data, capfd, caplog)
+    rows = screened(rows_columns_smaller_than_pixel_data)
     refused(rows, "pixel-data-mismatch")
 
 
 def test_rows_columns_larger_than_pixel_data(
     rows_columns_larger_than_pixel_data: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
+    screened: Screen,
 ) -> None:
-    rows = screen(rows_columns_larger_than_pixel_data, capfd, caplog)
+    rows = screened(rows_columns_larger_than_pixel_data)
     refused(rows, "truncated-pixel-data")
 
 
-def test_rows_differ_in_one_slice(
-    rows_differ_in_one_slice: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    refused(screen(rows_differ_in_one_slice, capfd, caplog), "mixed-geometry")
+def test_rows_differ_in_one_slice(rows_differ_in_one_slice: Path, screened: Screen) -> None:
+    refused(screened(rows_differ_in_one_slice), "mixed-geometry")
 
 
 # ---------------------------------------------------------------- 4. length past the end
@@ -467,20 +436,14 @@ def pixel_data_length_beyond_file(tmp_path: Path) -> Path:
     return root
 
 
-def test_length_field_beyond_file(
-    length_field_beyond_file: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    refused(screen(length_field_beyond_file, capfd, caplog), "truncated-file")
+def test_length_field_beyond_file(length_field_beyond_file: Path, screened: Screen) -> None:
+    refused(screened(length_field_beyond_file), "truncated-file")
 
 
 def test_pixel_data_length_beyond_file(
-    pixel_data_length_beyond_file: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
+    pixel_data_length_beyond_file: Path, screened: Screen
 ) -> None:
-    refused(screen(pixel_data_length_beyond_file, capfd, caplog), "truncated-file")
+    refused(screened(pixel_data_length_beyond_file), "truncated-file")
 
 
 # ---------------------------------------------------------------- 5. deep nesting
@@ -517,22 +480,22 @@ def deeply_nested_standard_sequence(tmp_path: Path) -> Path:
 
 def test_deeply_nested_sequences(
     deeply_nested_sequences: Path,
-    capfd: pytest.CaptureFixture[str],
+    screened: Screen,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Harmless to the image: the too-deep element is dropped (logged by tag) and the
     study analysed."""
-    analysed(screen(deeply_nested_sequences, capfd, caplog), deeply_nested_sequences)
+    analysed(screened(deeply_nested_sequences), deeply_nested_sequences)
     assert "nested deeper than" in caplog.text
 
 
 def test_deeply_nested_standard_sequence(
     deeply_nested_standard_sequence: Path,
-    capfd: pytest.CaptureFixture[str],
+    screened: Screen,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     root = deeply_nested_standard_sequence
-    analysed(screen(root, capfd, caplog), root)
+    analysed(screened(root), root)
     assert "nested deeper than" in caplog.text
 
 
@@ -574,13 +537,9 @@ def invalid_uid(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, s
     return root, code
 
 
-def test_invalid_uid(
-    invalid_uid: tuple[Path, str],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_invalid_uid(invalid_uid: tuple[Path, str], screened: Screen) -> None:
     root, code = invalid_uid
-    refused(screen(root, capfd, caplog), code)
+    refused(screened(root), code)
     assert not (root / "ctscreen").exists()
 
 
@@ -613,24 +572,22 @@ def path_separator_id(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[P
     return root, keyword, value
 
 
-def test_path_separator_uid(
-    path_separator_uid: tuple[Path, str],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_path_separator_uid(path_separator_uid: tuple[Path, str], screened: Screen) -> None:
     root, keyword = path_separator_uid
-    refused(screen(root, capfd, caplog), f"invalid-uid:{keyword}")
+    refused(screened(root), f"invalid-uid:{keyword}")
     assert not (root / "ctscreen").exists()
 
 
 def test_path_separator_id(
-    path_separator_id: tuple[Path, str, str],
-    capfd: pytest.CaptureFixture[str],
+    path_separator_id: tuple[Path,
+    str,
+    str],
+    screened: Screen,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Identifiers are not UIDs and name no file: analysed, results under ROOT/ctscreen."""
     root, keyword, value = path_separator_id
-    row = analysed(screen(root, capfd, caplog), root)
+    row = analysed(screened(root), root)
     if keyword == "PatientID":
         assert value not in caplog.text  # never logged
     else:
@@ -660,10 +617,8 @@ def non_ct_objects(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     return root
 
 
-def test_non_ct_objects(
-    non_ct_objects: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    refused(screen(non_ct_objects, capfd, caplog), "no-ct-series")
+def test_non_ct_objects(non_ct_objects: Path, screened: Screen) -> None:
+    refused(screened(non_ct_objects), "no-ct-series")
 
 
 # ---------------------------------------------------------------- 9. duplicates, gaps, order
@@ -718,36 +673,25 @@ def shuffled_slices(tmp_path: Path) -> tuple[Path, Path]:
     return root, plain
 
 
-def test_duplicate_sop_instance(
-    duplicate_sop_instance: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    refused(screen(duplicate_sop_instance, capfd, caplog), "duplicate-sop-instance-uid")
+def test_duplicate_sop_instance(duplicate_sop_instance: Path, screened: Screen) -> None:
+    refused(screened(duplicate_sop_instance), "duplicate-sop-instance-uid")
 
 
-def test_duplicate_slice_position(
-    duplicate_slice_position: Path,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    refused(screen(duplicate_slice_position, capfd, caplog), "duplicate-slice-position")
+def test_duplicate_slice_position(duplicate_slice_position: Path, screened: Screen) -> None:
+    refused(screened(duplicate_slice_position), "duplicate-slice-position")
 
 
-def test_missing_slice(
-    missing_slice: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    refused(screen(missing_slice, capfd, caplog), "missing-slices:gap=3.0mm")
+def test_missing_slice(missing_slice: Path, screened: Screen) -> None:
+    refused(screened(missing_slice), "missing-slices:gap=3.0mm")
 
 
 def test_shuffled_slices_give_the_same_result(
     shuffled_slices: tuple[Path, Path],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
+    screened: Screen,
 ) -> None:
     root, plain = shuffled_slices
-    got = analysed(screen(root, capfd, caplog), root)
-    expected = analysed(screen(plain, capfd, caplog), plain)
+    got = analysed(screened(root), root)
+    expected = analysed(screened(plain), plain)
     for key in (
         "lung_right_ml", "lung_left_ml", "involved_pct", "severity_score", "suspicion",
         "pattern", "n_findings", "series_uid", "result_uids",
@@ -784,13 +728,9 @@ def shared_series_uid(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[P
     return root, "duplicate-slice-position"
 
 
-def test_shared_series_uid(
-    shared_series_uid: tuple[Path, str],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_shared_series_uid(shared_series_uid: tuple[Path, str], screened: Screen) -> None:
     root, code = shared_series_uid
-    refused(screen(root, capfd, caplog), code)
+    refused(screened(root), code)
 
 
 # ---------------------------------------------------------------- 11. junk with a DICOM name
@@ -819,12 +759,13 @@ def junk_with_dicom_name(tmp_path: Path) -> tuple[Path, dict[Path, bytes]]:
 
 
 def test_junk_with_dicom_name(
-    junk_with_dicom_name: tuple[Path, dict[Path, bytes]],
-    capfd: pytest.CaptureFixture[str],
+    junk_with_dicom_name: tuple[Path,
+    dict[Path, bytes]],
+    screened: Screen,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     root, junk = junk_with_dicom_name
-    analysed(screen(root, capfd, caplog), root)
+    analysed(screened(root), root)
     for path, data in junk.items():
         assert path.read_bytes() == data
         assert f"skipped study/{path.name}" in caplog.text
