@@ -164,8 +164,14 @@ def integrity(db: Path) -> str:
 
 
 def states(archive: Path) -> dict[str, str]:
+    """Study UID -> state; empty where the run died before it made the table."""
+    if not worklist_file(archive).exists():
+        return {}
     with sqlite3.connect(worklist_file(archive)) as c:
-        return dict(c.execute("SELECT study_uid, state FROM study_state").fetchall())
+        try:
+            return dict(c.execute("SELECT study_uid, state FROM study_state").fetchall())
+        except sqlite3.OperationalError:
+            return {}
 
 
 def temporaries(where: Path) -> list[Path]:
