@@ -185,7 +185,8 @@ def run_batch(
     limits = limits_key(stages)
     folders = _local_folders(archive, worklist, outbox)
     try:
-        for folder in folders:
+        for folder in folders[1:]:  # where we write files: outbox, results (not the worklist's
+            # folder, which may hold anything, the archive included)
             summary.temporaries_removed += remove_orphaned_temporaries(folder)
         if outbox is not None:
             earlier = outbox.deliver(archive)
@@ -329,7 +330,8 @@ def limits_key(stages: Stages) -> str:
 
 
 def _local_folders(archive: Archive, worklist: Worklist, outbox: Outbox | None) -> list[Path]:
-    """The folders this run writes to: results of a folder archive, outbox, worklist."""
+    """The folders this run writes to: the worklist's first, then the outbox and the results
+    of a folder archive."""
     folders = [worklist.path.parent]
     if outbox is not None:
         folders.append(outbox.folder)
