@@ -185,9 +185,9 @@ def run_batch(
     limits = limits_key(stages)
     folders = _local_folders(archive, worklist, outbox)
     try:
-        for folder in folders[1:]:  # where we write files: outbox, results (not the worklist's
-            # folder, which may hold anything, the archive included)
-            summary.temporaries_removed += remove_orphaned_temporaries(folder)
+        # the worklist's folder may hold anything (the archive included): only its own level
+        for i, folder in enumerate(folders):
+            summary.temporaries_removed += remove_orphaned_temporaries(folder, recursive=i > 0)
         if outbox is not None:
             earlier = outbox.deliver(archive)
             summary.outbox_delivered = len(earlier.delivered)

@@ -263,8 +263,10 @@ def _check_workers(workers: int, args: argparse.Namespace, config: Config) -> No
 
 def _write_last_run(wl_path: Path, summary: dict[str, Any]) -> None:
     """The run summary as JSON beside the worklist, for monitoring (replaced each run)."""
+    from .durable import TMP_PREFIX
+
     path = wl_path.with_name(wl_path.name + ".last-run.json")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}-{os.getpid()}-{path.name}")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, path)
 

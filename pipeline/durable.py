@@ -40,15 +40,17 @@ def write_dataset_atomically(ds: Dataset, path: Path) -> None:
         os.close(dir_fd)
 
 
-def remove_orphaned_temporaries(folder: Path) -> int:
-    """Delete the temporary files under ``folder`` whose writing process no longer exists
-    (on this host); returns how many.  Files of live writers are left alone."""
+def remove_orphaned_temporaries(folder: Path, recursive: bool = True) -> int:
+    """Delete the temporary files in (``recursive``: under) ``folder`` whose writing
+    process no longer exists (on this host); returns how many.  Files of live writers are
+    left alone."""
     from .state import pid_alive
 
     removed = 0
     if not folder.is_dir():
         return 0
-    for p in folder.rglob(f"{TMP_PREFIX}*"):
+    found = folder.rglob(f"{TMP_PREFIX}*") if recursive else folder.glob(f"{TMP_PREFIX}*")
+    for p in found:
         parts = p.name[len(TMP_PREFIX):].split("-")
         try:
             pid = int(parts[1])
