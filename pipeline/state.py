@@ -81,6 +81,9 @@ CREATE TABLE IF NOT EXISTS study_state (
 """
 
 
+_SCHEMA_LOCK = 0x63747363  # "ctsc": the advisory lock that serialises schema creation
+
+
 class LeaseLost(CtscreenError):
     """This run no longer holds the study's lease: another run took it over."""
 
@@ -152,7 +155,11 @@ class StateStore:
                 self._db: Any = psycopg.connect(self.target, autocommit=True)
             except psycopg.Error as e:
                 raise CtscreenError(f"cannot connect to the state database: {e}") from e
-            self._db.execute(SCHEMA)
+            # CREATE TABLE IF NOT EXISTS is not safe against itself in PostgreSQL (two
+            # runs starting at once collide in the catalogue): one at a time.
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                self._db.execute(SCHEMA)
         else:
             from .durable import open_sqlite
 
