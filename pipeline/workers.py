@@ -429,11 +429,13 @@ class DaskPool:
         self._ready: deque[Outcome] = deque()
         # decoding in a pool of processes is not allowed inside daemonic Dask workers
         self._task_config = replace(config, volume=replace(config.volume, decode_workers=1))
+        # asked once: the batch consults it before every claim, and each ask is a round trip
+        # to the scheduler
+        self._capacity = max(1, sum(self._client.nthreads().values()))
 
     @property
     def capacity(self) -> int:
-        threads = sum(self._client.nthreads().values())
-        return max(1, threads)
+        return self._capacity
 
     def submit(self, study: StudyRef, owner: str) -> None:
         fut = self._client.submit(
