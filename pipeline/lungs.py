@@ -40,7 +40,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
-from skimage.morphology import convex_hull_object
+from skimage.morphology import convex_hull_image
 
 from .artefacts import LUNG_LABELS, LungMasks, Side, Volume
 from .config import LungsConfig
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 BoolArray = npt.NDArray[np.bool_]
 _INPLANE = np.zeros((3, 3, 3), dtype=bool)
 _INPLANE[1] = ndi.generate_binary_structure(2, 1)  # 4-connectivity within one slice
+_FULL2D = ndi.generate_binary_structure(2, 2)  # 8-connectivity in a 2-D slice
 
 
 class LungSegmenter(Protocol):
@@ -178,8 +179,9 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
     del outside
     # 2. airways
     airway = _airway(hu, cand, grid, cfg, body_x)
-    if airway is not None:
-        cand &= ~ndi.binary_dilation(airway)
+    if airway is not None:  # dilated within its own box, one voxel wider: same result
+        box = _grown_box(airway)
+        cand[box] &= ~ndi.binary_dilation(airway[box])
     # 3. lung components
     lab, n = ndi.label(cand)
     if n == 0:
@@ -214,6 +216,14 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
     if cfg.mirror_recovery and len(lungs) == 2:
         _mirror_recovery(out, hu, grid, cfg, airway)
     return out
+
+
+def _grown_box(mask: BoolArray, margin: int = 1) -> tuple[slice, ...]:
+    """The bounding box of a non-empty ``mask``, ``margin`` voxels wider (within the grid)."""
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    assert box is not None
+    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin))
+                 for b, n in zip(box, mask.shape, strict=True))
 
 
 def _centroid_x(mask: BoolArray, grid: _Grid) -> float:
@@ -320,6 +330,20 @@ def _airway(hu: npt.NDArray[np.float32], cand: BoolArray, grid: _Grid, cfg: Lung
     return None
 
 
+def _piece_hulls(s: BoolArray) -> BoolArray:
+    """The convex hull of each 8-connected piece of one slice, ORed (never bridging two
+    pieces); each hull is computed on the piece's own bounding box, one pixel wider."""
+    lab, _ = ndi.label(s, structure=_FULL2D)
+    hull = np.zeros(s.shape, dtype=bool)
+    for j, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None:
+            continue
+        r0, c0 = max(0, box[0].start - 1), max(0, box[1].start - 1)
+        r1, c1 = min(s.shape[0], box[0].stop + 1), min(s.shape[1], box[1].stop + 1)
+        hull[r0:r1, c0:c1] |= convex_hull_image(lab[r0:r1, c0:c1] == j)
+    return hull
+
+
 def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
             cfg: LungsConfig, side: Side) -> BoolArray:
     """Fill holes per slice and recover dense pathology against the costal pleura.
@@ -331,7 +355,8 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
     above ``pleural_min_mean_hu``) and not on the mediastinal side: a component whose
     centroid is medial to the slice's lung centroid by more than ``mediastinal_margin`` x
     the lung width *and* lies in the anterior three quarters of the lung is where the heart
-    and mediastinum indent the lung (posterior paravertebral additions are kept).
+    and mediastinum indent the lung (posterior paravertebral additions are kept).  The
+    components of a slice are judged together (per-label sums), not one by one.
     """
     found = ndi.find_objects(mask.astype(np.uint8))
     if not found or found[0] is None:
@@ -344,49 +369,48 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
     h = hu[sl]
     out = filled.copy()
     a = grid.affine
-    rr = np.arange(sl[1].start, sl[1].stop, dtype=np.float64)[:, None]
-    cc = np.arange(sl[2].start, sl[2].stop, dtype=np.float64)[None, :]
     lateral = 1.0 if side == Side.LEFT else -1.0  # LPS +x is lateral for the left lung
+    r_off, c_off = float(sl[1].start), float(sl[2].start)
     for i in range(filled.shape[0]):
         s = filled[i]
-        if np.count_nonzero(s) < 10:
+        rr_s, cc_s = np.nonzero(s)
+        n_lung = int(rr_s.size)
+        if n_lung < 10:
             continue
-        hull = convex_hull_object(s, connectivity=2)  # per piece: never bridge two pieces
+        hull = _piece_hulls(s)
         add = hull & ~s
         if not add.any():
             continue
         k = i + sl[0].start
-        x = np.broadcast_to(a[0, 0] * k + a[0, 1] * rr + a[0, 2] * cc + a[0, 3], s.shape)
-        y = np.broadcast_to(a[1, 0] * k + a[1, 1] * rr + a[1, 2] * cc + a[1, 3], s.shape)
-        xs, ys = x[s], y[s]
-        n_lung = int(xs.size)
-        rr_s, cc_s = np.nonzero(s)
+        xs = a[0, 0] * k + a[0, 1] * (rr_s + r_off) + a[0, 2] * (cc_s + c_off) + a[0, 3]
+        ys = a[1, 0] * k + a[1, 1] * (rr_s + r_off) + a[1, 2] * (cc_s + c_off) + a[1, 3]
         gr, gc = round(float(rr_s.mean())), round(float(cc_s.mean()))
         gx = float(xs.mean())
         width = max(float(xs.max() - xs.min()), 1.0)
         y_lo, y_hi = float(ys.min()), float(ys.max())
         depth = ndi.distance_transform_edt(hull, sampling=grid.spacing[1:])
-        lab, _ = ndi.label(add)
-        for j, csl in enumerate(ndi.find_objects(lab), start=1):
-            if csl is None:
-                continue
-            comp = lab[csl] == j
-            if float(depth[csl][comp].max()) > cfg.pleural_max_depth_mm:
-                continue
-            if np.count_nonzero(comp) > cfg.pleural_max_area_fraction * n_lung:
-                continue  # a crescent of lung around an organ (diaphragm dome, heart)
-            if csl[0].start <= gr < csl[0].stop and csl[1].start <= gc < csl[1].stop \
-                    and comp[gr - csl[0].start, gc - csl[1].start]:
-                continue  # holds the lung's own centroid: the lung wraps around it
-            if float(h[i][csl][comp].mean()) < cfg.pleural_min_mean_hu:
-                continue
-            cx, cy = float(x[csl][comp].mean()), float(y[csl][comp].mean())
-            medial = (cx - gx) * lateral < -cfg.mediastinal_margin * width
-            anterior = cy < y_lo + 0.75 * (y_hi - y_lo)
-            if medial and anterior:
-                continue
-            view = out[i][csl]
-            view[comp] = True
+        lab, n = ndi.label(add)
+        ra, ca = np.nonzero(add)
+        which = lab[ra, ca]
+        count = np.bincount(which, minlength=n + 1)[1:].astype(np.float64)
+        deepest = np.zeros(n + 1)
+        np.maximum.at(deepest, which, depth[ra, ca])
+        mean_hu = np.bincount(which, weights=h[i][ra, ca], minlength=n + 1)[1:] / count
+        xa = a[0, 0] * k + a[0, 1] * (ra + r_off) + a[0, 2] * (ca + c_off) + a[0, 3]
+        ya = a[1, 0] * k + a[1, 1] * (ra + r_off) + a[1, 2] * (ca + c_off) + a[1, 3]
+        cx = np.bincount(which, weights=xa, minlength=n + 1)[1:] / count
+        cy = np.bincount(which, weights=ya, minlength=n + 1)[1:] / count
+        medial = (cx - gx) * lateral < -cfg.mediastinal_margin * width
+        anterior = cy < y_lo + 0.75 * (y_hi - y_lo)
+        keep = ((deepest[1:] <= cfg.pleural_max_depth_mm)
+                & (count <= cfg.pleural_max_area_fraction * n_lung)
+                & (mean_hu >= cfg.pleural_min_mean_hu)
+                & ~(medial & anterior))
+        holds = int(lab[gr, gc])  # holds the lung's own centroid: the lung wraps around it
+        if holds:
+            keep[holds - 1] = False
+        take = keep[which - 1]
+        out[i][ra[take], ca[take]] = True
     res = mask.copy()
     res[sl] = out
     return res
