@@ -328,6 +328,9 @@ def test_seg_decodes_back_to_the_masks(built: ReportObjects, case: Case, tmp_pat
     )
     assert got.shape == expected.shape
     assert np.array_equal(got.astype(bool), expected)
+    # lesions lie inside the lungs: the SEG says its segments overlap
+    assert (expected[..., 2:].any(axis=-1) & expected[..., :2].any(axis=-1)).any()
+    assert seg.SegmentsOverlap == "YES"
     # Only frames with content are stored.
     assert seg.NumberOfFrames == int(np.count_nonzero(expected.any(axis=(1, 2))))
     labels = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
