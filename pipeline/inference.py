@@ -33,7 +33,7 @@ import numpy.typing as npt
 import yaml
 from scipy import ndimage as ndi
 
-from .artefacts import LungMasks, Volume
+from .artefacts import LungMasks, Volume, bounding_box
 from .config import LesionsConfig
 from .errors import ModelError
 
@@ -249,10 +249,10 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
     out = np.zeros(hu.shape, dtype=np.uint8)
     if region is None:
         region = np.ones(hu.shape, dtype=bool)
-    found = ndi.find_objects(region.astype(np.uint8))
-    if not found or found[0] is None:
+    found = bounding_box(region)
+    if found is None:
         return out
-    ks, rs, cs = found[0]
+    ks, rs, cs = found
     mr = round(spec.margin_mm / spacing_rc[0])
     mc = round(spec.margin_mm / spacing_rc[1])
     r0, r1 = max(0, rs.start - mr), min(hu.shape[1], rs.stop + mr)

@@ -61,6 +61,7 @@ from .artefacts import (
     Volume,
     Zone,
     ZoneFigure,
+    bounding_box,
 )
 from .config import LesionsConfig
 from .errors import ConfigError
@@ -145,10 +146,9 @@ class DensityLesionDetector:
                              f"grid {ct.shape}")
         lung_full = lungs.mask()
         out = np.zeros(ct.shape, dtype=np.uint8)
-        found = ndi.find_objects(lung_full.astype(np.uint8))
-        if not found or found[0] is None:
+        sl = bounding_box(lung_full)
+        if sl is None:
             return ct.with_array(out)
-        sl = found[0]
         f = working_factors(ct.spacing, cfg.working_spacing_mm)
         hu = block_mean(ct.array[sl], f)
         lung = block_mean(lung_full[sl], f) >= 0.5
@@ -244,12 +244,11 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
     les = np.where(lung_lab > 0, labels.array, 0).astype(np.uint8)  # never outside the lungs
     vml = ct.voxel_volume_ml
     # per side and zone: lung, GGO and consolidation voxel counts (slab-wise LPS z)
-    found = ndi.find_objects((lung_lab > 0).astype(np.uint8))
+    box = bounding_box(lung_lab)
     z_ext = {s: (math.inf, -math.inf) for s in SIDES}
     counts = {(s, z, what): 0 for s in SIDES for z in ZONES for what in ("lung", 1, 2)}
     slabs: list[tuple[int, int]] = []
-    if found and found[0] is not None:
-        box = found[0]
+    if box is not None:
         step = max(1, 4_000_000 // ((box[1].stop - box[1].start) * (box[2].stop - box[2].start)))
         slabs = [(k, min(box[0].stop, k + step)) for k in range(box[0].start, box[0].stop, step)]
         for k0, k1 in slabs:
@@ -329,10 +328,9 @@ def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.u
               z_ext: dict[Side, tuple[float, float]], cap: int) -> tuple[tuple[Finding, ...], int]:
     """Connected components (26-connected) per kind, ranked by volume; the largest ``cap``."""
     rows = []
-    found = ndi.find_objects((les > 0).astype(np.uint8))
-    if not found or found[0] is None:
+    box = bounding_box(les)  # work on the lesions' bounding box only
+    if box is None:
         return (), 0
-    box = found[0]  # work on the lesions' bounding box only
     start = np.array([b.start for b in box])
     les_b, lung_b, hu_b = les[box], lung_lab[box], ct.array[box]
     for kind, value in LESION_LABELS.items():

@@ -42,7 +42,7 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 from skimage.morphology import convex_hull_image
 
-from .artefacts import LUNG_LABELS, LungMasks, Side, Volume
+from .artefacts import LUNG_LABELS, LungMasks, Side, Volume, bounding_box
 from .config import LungsConfig
 from .errors import ConfigError, NotAnalysable
 
@@ -180,7 +180,8 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
     # 2. airways
     airway = _airway(hu, cand, grid, cfg, body_x)
     if airway is not None:  # dilated within its own box, one voxel wider: same result
-        box = _grown_box(airway)
+        box = bounding_box(airway, margin=1)
+        assert box is not None  # the airway is grown from a seed voxel
         cand[box] &= ~ndi.binary_dilation(airway[box])
     # 3. lung components
     lab, n = ndi.label(cand)
@@ -218,14 +219,6 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
     return out
 
 
-def _grown_box(mask: BoolArray, margin: int = 1) -> tuple[slice, ...]:
-    """The bounding box of a non-empty ``mask``, ``margin`` voxels wider (within the grid)."""
-    box = ndi.find_objects(mask.astype(np.uint8))[0]
-    assert box is not None
-    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin))
-                 for b, n in zip(box, mask.shape, strict=True))
-
-
 def _centroid_x(mask: BoolArray, grid: _Grid) -> float:
     """LPS x of the centroid of ``mask`` (0 for an empty mask)."""
     n = np.count_nonzero(mask)
@@ -251,7 +244,8 @@ def _straddles(mask: BoolArray, grid: _Grid, mid_x: float) -> bool:
 
 def _split(mask: BoolArray, grid: _Grid) -> list[BoolArray]:
     """Split joined lungs: erode (distance map) until two large cores appear, grow them back."""
-    sl = ndi.find_objects(mask.astype(np.uint8))[0]
+    sl = bounding_box(mask)
+    assert sl is not None  # the largest air component
     m = mask[sl]
     dist = ndi.distance_transform_edt(m, sampling=grid.spacing)
     total = int(m.sum())
@@ -358,13 +352,9 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
     and mediastinum indent the lung (posterior paravertebral additions are kept).  The
     components of a slice are judged together (per-label sums), not one by one.
     """
-    found = ndi.find_objects(mask.astype(np.uint8))
-    if not found or found[0] is None:
+    sl = bounding_box(mask, margin=(0, 1, 1))  # one pixel wider in-plane
+    if sl is None:
         return mask
-    sl0 = found[0]
-    sl = (sl0[0],
-          slice(max(0, sl0[1].start - 1), min(mask.shape[1], sl0[1].stop + 1)),
-          slice(max(0, sl0[2].start - 1), min(mask.shape[2], sl0[2].stop + 1)))
     filled = ndi.binary_fill_holes(mask[sl], structure=_INPLANE)
     h = hu[sl]
     out = filled.copy()
@@ -571,10 +561,10 @@ def _recover_run(out: npt.NDArray[np.uint8], own: BoolArray, hu: npt.NDArray[np.
     twin = mirror.reflect(out[kb0:kb1] == LUNG_LABELS[other])
     twin[: k0 - kb0] = False
     twin[twin.shape[0] - (kb1 - k1):] = False
-    found = ndi.find_objects(twin.astype(np.uint8))
-    if not found or found[0] is None:
+    found = bounding_box(twin)
+    if found is None:
         return
-    box = (slice(kb0, kb1), found[0][1], found[0][2])
+    box = (slice(kb0, kb1), found[1], found[2])
     twin = twin[:, box[1], box[2]]
     h = hu[box]
     own_b = own[box]

@@ -308,3 +308,22 @@ def test_lidc_without_mirror_recovery_is_flagged(shared_data: Path) -> None:
     """The threshold-only mask (opacified right upper lung left out) is caught by the QA."""
     lungs = segment_lungs(read_lidc(shared_data), LungsConfig(mirror_recovery=False))
     assert lung_mask_warnings(lungs) == ("lung-asymmetry:right=0.49",)
+
+
+def test_bounding_box_matches_find_objects() -> None:
+    from scipy import ndimage as ndi
+
+    from pipeline.artefacts import bounding_box
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        m = np.zeros((9, 11, 13), dtype=np.uint8)
+        pts = rng.integers(0, (9, 11, 13), size=(int(rng.integers(1, 5)), 3))
+        m[tuple(pts.T)] = rng.integers(1, 3)
+        assert bounding_box(m) == ndi.find_objects((m > 0).astype(np.uint8))[0]
+        box = ndi.find_objects((m > 0).astype(np.uint8))[0]
+        wider = bounding_box(m > 0, margin=(0, 2, 1))
+        assert wider is not None and wider[0] == box[0]
+        assert wider[1] == slice(max(0, box[1].start - 2), min(11, box[1].stop + 2))
+        assert wider[2] == slice(max(0, box[2].start - 1), min(13, box[2].stop + 1))
+    assert bounding_box(np.zeros((3, 4, 5), dtype=bool)) is None
