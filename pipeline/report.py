@@ -58,6 +58,7 @@ from .artefacts import (
     Side,
     Volume,
     Zone,
+    bounding_box,
 )
 from .config import ReportConfig
 
@@ -468,19 +469,25 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
     order: list[Side | LesionKind] = sorted(SEGMENT_NUMBERS, key=SEGMENT_NUMBERS.__getitem__)
     # Only the slices that hold some segment become frames (highdicom would drop the empty
     # frames anyway, but its checks over the whole stack dominated the report's time).
-    ks = np.flatnonzero((lung > 0).any(axis=(1, 2)) | (les > 0).any(axis=(1, 2)))
+    ks = np.flatnonzero(lung.any(axis=(1, 2)) | les.any(axis=(1, 2)))
     # Stacked-segments style (segments overlap: lesions lie inside the lungs), one uint8 plane
     # per segment; highdicom drops the all-zero frames (omit_empty_frames).  Each segment is
     # one contiguous block in memory (a (k, r, c, segment) view of a (segment, k, r, c)
     # array): highdicom's checks reduce over the segment axis 4x faster than when the
     # segments are interleaved, and each frame it copies out is contiguous.
+    # Each plane is written only inside the bounding box of its label volume (lungs or
+    # lesions); the rest stays the zeros of the allocation, never touched.
     planes = np.zeros((len(order), len(ks), *ctx.ct.shape[1:]), dtype=np.uint8)
-    lung_k, les_k = lung[ks], les[ks]
+    boxes = {id(lung): bounding_box(lung), id(les): bounding_box(les)}
     for i, what in enumerate(order):
-        if isinstance(what, Side):
-            np.equal(lung_k, LUNG_LABELS[what], out=planes[i], casting="unsafe")
-        else:
-            np.equal(les_k, LESION_LABELS[what], out=planes[i], casting="unsafe")
+        labels, value = ((lung, LUNG_LABELS[what]) if isinstance(what, Side)
+                         else (les, LESION_LABELS[what]))
+        box = boxes[id(labels)]
+        if box is None:
+            continue
+        j0, j1 = np.searchsorted(ks, [box[0].start, box[0].stop])  # planes' rows in the box
+        np.equal(labels[ks[j0:j1], box[1], box[2]], value,
+                 out=planes[i, j0:j1, box[1], box[2]], casting="unsafe")
     stack = planes.transpose(1, 2, 3, 0).view(_SegmentStack)
     algorithm = _algorithm_sequence(ctx)
     descriptions = [_segment_description(ctx, what, algorithm) for what in order]
