@@ -111,6 +111,17 @@ class InstanceHeader:
     read_problem: str = ""
 
 
+# The attributes :func:`pipeline.ingest.instance_header` reads from a header dataset (and a
+# folder archive to recognise a DICOMDIR): a header read need parse only these.
+HEADER_KEYWORDS = frozenset({
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "ImageType", "SeriesNumber", "InstanceNumber", "SeriesDescription", "BodyPartExamined",
+    "ConvolutionKernel", "SliceThickness", "PixelSpacing", "ImageOrientationPatient",
+    "ImagePositionPatient", "Rows", "Columns", "GantryDetectorTilt", "StudyDate", "StudyTime",
+    "AccessionNumber", "NumberOfFrames",
+})
+
+
 # The attribute by which an archive marks a header dataset it could read only in part
 # (value: a coded reason); ingest copies it into ``InstanceHeader.read_problem``.
 READ_PROBLEM_ATTRIBUTE = "ctscreen_read_problem"

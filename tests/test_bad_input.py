@@ -200,11 +200,11 @@ def _files(tmp_path: Path) -> dict[str, tuple[int, int]]:
 
 def screen(
     root: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], str]:
     """Run the whole command on ``root``; check the exit status, that nothing changed
     outside ROOT/ctscreen/ but the worklist beside the root, and that no patient
     identifier was logged (``capfd``: worker processes' output too); return the worklist
-    rows."""
+    rows and what the run logged (this process and its workers)."""
     top = root.parents[2]  # tmp_path
     before = _files(top)
     caplog.set_level(logging.INFO)
@@ -229,16 +229,26 @@ def screen(
     rows: list[dict[str, Any]] = json.loads(listing.out)
     for row in rows:
         assert row["status"] in ("analysed", "not-analysed"), row  # never "failed"
-    return rows
+    return rows, caplog.text + run.err
 
 
-Screen = Callable[[Path], list[dict[str, Any]]]
+class Screen:
+    """:func:`screen` bound to one test's captured output and log; ``log`` holds what the
+    last run logged, in this process and in its worker processes."""
+
+    def __init__(self, capfd: pytest.CaptureFixture[str],
+                 caplog: pytest.LogCaptureFixture) -> None:
+        self.capfd, self.caplog, self.log = capfd, caplog, ""
+
+    def __call__(self, root: Path) -> list[dict[str, Any]]:
+        rows, self.log = screen(root, self.capfd, self.caplog)
+        return rows
 
 
 @pytest.fixture
 def screened(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Screen:
     """:func:`screen` bound to this test's captured output and log."""
-    return lambda root: screen(root, capfd, caplog)
+    return Screen(capfd, caplog)
 
 
 def refused(rows: list[dict[str, Any]], code: str) -> dict[str, Any]:
@@ -486,7 +496,7 @@ def test_deeply_nested_sequences(
     """Harmless to the image: the too-deep element is dropped (logged by tag) and the
     study analysed."""
     analysed(screened(deeply_nested_sequences), deeply_nested_sequences)
-    assert "nested deeper than" in caplog.text
+    assert "nested deeper than" in screened.log
 
 
 def test_deeply_nested_standard_sequence(
@@ -496,7 +506,7 @@ def test_deeply_nested_standard_sequence(
 ) -> None:
     root = deeply_nested_standard_sequence
     analysed(screened(root), root)
-    assert "nested deeper than" in caplog.text
+    assert "nested deeper than" in screened.log
 
 
 # ---------------------------------------------------------------- 6. invalid UIDs
@@ -589,7 +599,7 @@ def test_path_separator_id(
     root, keyword, value = path_separator_id
     row = analysed(screened(root), root)
     if keyword == "PatientID":
-        assert value not in caplog.text  # never logged
+        assert value not in screened.log  # never logged
     else:
         assert row["accession_number"] == value
 

@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.tag import BaseTag
 
-from ..artefacts import READ_PROBLEM_ATTRIBUTE, OutputRef, QueryWindow
+from ..artefacts import HEADER_KEYWORDS, READ_PROBLEM_ATTRIBUTE, OutputRef, QueryWindow
 from ..durable import TMP_PREFIX, write_dataset_atomically
 from ..errors import ArchiveError, ArchiveUnavailable, NotAnalysable
 
@@ -58,22 +59,31 @@ READ_ERRORS = (
     RecursionError,
 )
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_HEADER_TAGS = frozenset(
+    int(tag_for_keyword(k)) for k in HEADER_KEYWORDS | {"DirectoryRecordSequence"}  # type: ignore[arg-type]
+)
 # Sequences nested deeper than this are dropped: no attribute the pipeline reads is nested
 # more than a few levels, and pydicom parses and copies sequences recursively.
 MAX_SEQUENCE_DEPTH = 32
 
 
-def drop_unparseable(ds: Dataset, name: str) -> None:
+def drop_unparseable(ds: Dataset, name: str, only: frozenset[int] | None = None) -> None:
     """Parse every element now (pydicom converts values lazily, on first access), so that a
     malformed value cannot raise later inside a stage; elements that do not parse are
     removed and logged by tag (never by value).  Sequences are walked iteratively, so deep
     nesting cannot exhaust the stack, and a sequence nested deeper than
     ``MAX_SEQUENCE_DEPTH`` is removed (later copies and writes of a dataset recurse).
-    Pixel data is left for the volume stage to judge."""
+    Pixel data is left for the volume stage to judge.
+
+    ``only``: parse just these top-level tags (the rest stay unparsed): for a header that
+    is read for a few attributes and then dropped."""
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
-        for tag in list(current.keys()):
+        tags = list(current.keys())
+        if only is not None and current is ds:
+            tags = [t for t in tags if t in only]
+        for tag in tags:
             if tag in _PIXEL_TAGS:
                 continue
             try:
@@ -100,11 +110,12 @@ def read_instance(path: Path, name: str, header_only: bool) -> Dataset | None:
     """One file as a dataset, or None where it is not DICOM at all (no ``DICM`` prefix and
     nothing pydicom can read).
 
-    ``header_only``: values longer than 4 KiB (the pixel data) stay on disk.  A damaged
+    ``header_only``: values longer than 4 KiB (the pixel data) stay on disk, and only the
+    attributes discovery reads (``HEADER_KEYWORDS``) are parsed.  A damaged
     DICOM file gives what could be read of it, marked with ``READ_PROBLEM_ATTRIBUTE``:
     ``truncated-file`` where the file ends before an element it announces (a cut file, or
     a length field larger than the file), ``unreadable-instance`` where it does not parse.
-    Every element of the result has been parsed (:func:`drop_unparseable`).
+    Every element of a whole read has been parsed (:func:`drop_unparseable`).
     """
     size = path.stat().st_size
     ds: Dataset | None
@@ -127,7 +138,7 @@ def read_instance(path: Path, name: str, header_only: bool) -> Dataset | None:
             if partial is not None:
                 del ds[partial]  # never keep half a value (half a UID is another UID)
             setattr(ds, READ_PROBLEM_ATTRIBUTE, "truncated-file")
-    drop_unparseable(ds, name)
+    drop_unparseable(ds, name, _HEADER_TAGS if header_only else None)
     return ds
 
 
