@@ -490,6 +490,28 @@ def test_parallel_decoding_gives_the_same_volume() -> None:
     np.testing.assert_array_equal(serial.affine, parallel.affine)
 
 
+@pytest.mark.parametrize(
+    "syntax", [pydicom.uid.JPEGLSLossless, pydicom.uid.JPEG2000Lossless], ids=["jpegls", "j2k"]
+)
+def test_the_decoding_pool_gives_the_stored_volume(tmp_path: Path, syntax: str) -> None:
+    """Slices sent to the decoding processes (only what decoding reads of them) give the
+    very volume that was written, as decoding in place does; padding and rescale too."""
+    from dataclasses import replace
+
+    hu = phantom((24, 32, 40))
+    vol = Volume(hu, make_affine())
+    dss = [pydicom.dcmread(p) for p in write_ct_series(vol, tmp_path, transfer_syntax=syntax)]
+    dss[3].PixelPaddingValue = int(dss[3].pixel_array.min())  # the darkest stored value
+    serial, _ = build_volume(dss, replace(CONFIG, decode_workers=1))
+    parallel, ordered = build_volume(dss, replace(CONFIG, decode_workers=2))
+    np.testing.assert_array_equal(serial.array, parallel.array)
+    assert parallel.array.dtype == np.int16
+    expected = hu.copy()
+    expected[3][hu[3] == hu[3].min()] = CONFIG.hu_min  # padding pixels
+    np.testing.assert_array_equal(parallel.array, np.clip(expected, CONFIG.hu_min, CONFIG.hu_max))
+    assert "PixelData" in ordered[0]  # the series' own datasets are left whole
+
+
 def test_a_refusal_in_a_decoding_process_keeps_its_code(tmp_path: Path) -> None:
     import pickle
     from dataclasses import replace
