@@ -361,6 +361,14 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
     a = grid.affine
     lateral = 1.0 if side == Side.LEFT else -1.0  # LPS +x is lateral for the left lung
     r_off, c_off = float(sl[1].start), float(sl[2].start)
+
+    def lps_xy(k: int, rr: npt.NDArray[np.intp], cc: npt.NDArray[np.intp]
+               ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """LPS x and y of the crop's pixels (rr, cc) in slice k."""
+        r, c = rr + r_off, cc + c_off
+        return (a[0, 0] * k + a[0, 1] * r + a[0, 2] * c + a[0, 3],
+                a[1, 0] * k + a[1, 1] * r + a[1, 2] * c + a[1, 3])
+
     for i in range(filled.shape[0]):
         s = filled[i]
         rr_s, cc_s = np.nonzero(s)
@@ -372,8 +380,7 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
         if not add.any():
             continue
         k = i + sl[0].start
-        xs = a[0, 0] * k + a[0, 1] * (rr_s + r_off) + a[0, 2] * (cc_s + c_off) + a[0, 3]
-        ys = a[1, 0] * k + a[1, 1] * (rr_s + r_off) + a[1, 2] * (cc_s + c_off) + a[1, 3]
+        xs, ys = lps_xy(k, rr_s, cc_s)
         gr, gc = round(float(rr_s.mean())), round(float(cc_s.mean()))
         gx = float(xs.mean())
         width = max(float(xs.max() - xs.min()), 1.0)
@@ -386,8 +393,7 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
         deepest = np.zeros(n + 1)
         np.maximum.at(deepest, which, depth[ra, ca])
         mean_hu = np.bincount(which, weights=h[i][ra, ca], minlength=n + 1)[1:] / count
-        xa = a[0, 0] * k + a[0, 1] * (ra + r_off) + a[0, 2] * (ca + c_off) + a[0, 3]
-        ya = a[1, 0] * k + a[1, 1] * (ra + r_off) + a[1, 2] * (ca + c_off) + a[1, 3]
+        xa, ya = lps_xy(k, ra, ca)
         cx = np.bincount(which, weights=xa, minlength=n + 1)[1:] / count
         cy = np.bincount(which, weights=ya, minlength=n + 1)[1:] / count
         medial = (cx - gx) * lateral < -cfg.mediastinal_margin * width

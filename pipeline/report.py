@@ -478,11 +478,10 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
     # Each plane is written only inside the bounding box of its label volume (lungs or
     # lesions); the rest stays the zeros of the allocation, never touched.
     planes = np.zeros((len(order), len(ks), *ctx.ct.shape[1:]), dtype=np.uint8)
-    boxes = {id(lung): bounding_box(lung), id(les): bounding_box(les)}
+    lung_box, les_box = bounding_box(lung), bounding_box(les)
     for i, what in enumerate(order):
-        labels, value = ((lung, LUNG_LABELS[what]) if isinstance(what, Side)
-                         else (les, LESION_LABELS[what]))
-        box = boxes[id(labels)]
+        labels, value, box = ((lung, LUNG_LABELS[what], lung_box) if isinstance(what, Side)
+                              else (les, LESION_LABELS[what], les_box))
         if box is None:
             continue
         j0, j1 = np.searchsorted(ks, [box[0].start, box[0].stop])  # planes' rows in the box
