@@ -274,11 +274,14 @@ class LesionKind(enum.StrEnum):
 
 
 class Pattern(enum.StrEnum):
-    """The study-level qualitative finding: COVID-19 pneumonia pattern."""
+    """The study-level call: the CT appearance category for COVID-19 pneumonia of the RSNA
+    expert consensus statement (Simpson S et al., Radiol Cardiothorac Imaging
+    2020;2(2):e200152).  The rule that assigns it is :func:`pipeline.lesions.rsna_category`."""
 
-    PRESENT = "present"
+    TYPICAL = "typical"
     INDETERMINATE = "indeterminate"
-    ABSENT = "absent"
+    ATYPICAL = "atypical"
+    NEGATIVE = "negative"  # negative for pneumonia
 
 
 # Label values, fixed across the package, the SEG and the models.
@@ -312,6 +315,9 @@ class Finding:
     bbox_min_lps: tuple[float, float, float]
     bbox_max_lps: tuple[float, float, float]
     voxel_count: int
+    # Share of its voxels within ``LesionsConfig.peripheral_depth_mm`` of the pleura (the
+    # chest's outer lung surface, not the mediastinal one): 1 subpleural, 0 central.
+    peripheral_fraction: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -123,9 +123,16 @@ class LesionsConfig:
     providers: tuple[str, ...] = ()
     batch_slices: int = 16  # axial slices per onnxruntime call
     max_reported_findings: int = 20  # the largest N are reported one by one
-    # Study-level pattern: involvement of both lungs together, in percent.
-    present_min_pct: float = 1.0
-    indeterminate_min_pct: float = 0.1
+    # Study-level call, the RSNA category (pipeline/lesions.py, rsna_category). Shares are
+    # of the involved volume (all findings of both lungs together).
+    indeterminate_min_pct: float = 0.1  # less involvement of both lungs (percent): negative
+    typical_min_pct: float = 1.0  # typical needs at least this involvement (percent) ...
+    bilateral_min_share: float = 0.1  # ... the less involved lung holding this share ...
+    peripheral_depth_mm: float = 25.0  # (a voxel this close to the pleura is peripheral)
+    peripheral_min_share: float = 0.5  # ... this share peripheral ...
+    typical_min_ggo_share: float = 0.25  # ... and this share ground glass
+    atypical_min_consolidation_share: float = 0.7  # atypical: consolidation-dominant and ...
+    solitary_min_share: float = 0.8  # ... unilateral or one focus holding this share
     # Density detector (HU bands after smoothing; see pipeline/lesions.py)
     working_spacing_mm: float = 1.5  # in-plane blocks of about this size
     smoothing_sigma_mm: float = 1.0

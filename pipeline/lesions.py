@@ -5,7 +5,7 @@ Two parts, so that a learned model can replace the first without touching the se
 - a :class:`LesionDetector` turns (CT, lungs) into a label volume (``LESION_LABELS``);
   :class:`DensityLesionDetector` is the first, honest, density-based one;
 - :func:`analyse` measures any label volume: per-lesion findings, per-lung and per-zone
-  involvement, a severity score, a suspicion score and the study-level pattern.
+  involvement, a severity score, a suspicion score and the study-level call.
 
 The density detector (all thresholds in :class:`~pipeline.config.LesionsConfig`):
 
@@ -35,6 +35,38 @@ power ``1 / (1 + 0.1 * (zones - 1) + 0.25 * bilateral)`` where ``zones`` counts 
 a non-zero score and ``bilateral`` is 1 when both lungs are involved.  The exponent is at
 most 1, so spread across zones and lungs raises the score; for a fixed spread it increases
 monotonically with involvement, and it is 0 without involvement.
+
+The study-level call (:func:`rsna_category`) follows the pattern, not only the amount: the
+four CT categories of the RSNA expert consensus statement (Simpson S et al., Radiol
+Cardiothorac Imaging 2020;2(2):e200152).  The statement's typical appearance is peripheral,
+bilateral ground glass with or without consolidation (or multifocal rounded ground glass);
+indeterminate is ground glass without that distribution (unilateral, central, perihilar,
+diffuse, or a few small foci); atypical is isolated lobar or segmental consolidation without
+ground glass, discrete nodules, cavitation; negative is no feature of pneumonia.  From the
+findings (every one, not only the reported ones) the rule reads, as shares of the involved
+volume: the share in the less involved lung, the peripheral share (voxels within
+``peripheral_depth_mm`` of the pleura, :class:`PleuralDepth`), the ground-glass share and
+the largest focus's share.  In order, the first that holds (thresholds in LesionsConfig):
+
+=============  ==========================================================================
+negative       involvement of both lungs < ``indeterminate_min_pct`` (0.1%), or no finding
+typical        bilateral (less involved lung >= ``bilateral_min_share``, 0.1) and
+               peripheral (>= ``peripheral_min_share``, 0.5) and ground glass
+               (>= ``typical_min_ggo_share``, 0.25) and involvement >= ``typical_min_pct``
+               (1%): bilateral, multifocal, predominantly peripheral GGO
+atypical       consolidation-dominant (>= ``atypical_min_consolidation_share``, 0.7) and
+               either unilateral or solitary (largest focus >= ``solitary_min_share``,
+               0.8): a lobar or segmental consolidation, a mass, a dense nodule
+indeterminate  the rest: unilateral or central or diffuse ground glass, bilateral disease
+               below 1% or without the typical distribution, mixed findings
+=============  ==========================================================================
+
+Multifocality enters through laterality (bilateral involvement is at least two foci) and
+the largest focus's share (solitary).  Nodules, cavitation, septal thickening, effusion,
+crazy paving and the reversed halo are not detected, so a solitary ground-glass nodule is
+indeterminate, and a consolidation that is not dense enough to be marked as consolidation
+counts as ground glass.  The peripheral depth of 25 mm is about the outer third of an
+adult chest (whose deepest point lies 75-100 mm under the pleura).
 """
 
 from __future__ import annotations
@@ -42,6 +74,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -290,19 +324,19 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
     total_lung = sum(f.volume_ml for f in lung_figs)
     total_inv = sum(f.ggo_ml + f.consolidation_ml for f in lung_figs)
     involved_pct = 100.0 * total_inv / total_lung if total_lung > 0 else 0.0
-    findings, n_total = _findings(ct, lung_lab, les, z_ext, config.max_reported_findings)
+    every = _findings(ct, lung_lab, les, z_ext, box, config.peripheral_depth_mm)
     severity = sum(zf.score for zf in zones)
     n_zones = sum(1 for zf in zones if zf.score > 0)
     bilateral = all(f.ggo_ml + f.consolidation_ml > 0 for f in lung_figs)
-    if involved_pct >= config.present_min_pct:
-        pattern = Pattern.PRESENT
-    elif involved_pct >= config.indeterminate_min_pct:
-        pattern = Pattern.INDETERMINATE
-    else:
-        pattern = Pattern.ABSENT
+    pattern = rsna_category(every, involved_pct, config)
+    features = pattern_features(every)
+    log.info("lesions: %d findings, %.2f%% involved -> %s (less involved lung %.2f, "
+             "peripheral %.2f, ground glass %.2f, largest focus %.2f of the involvement)",
+             len(every), involved_pct, pattern, features.minor_lung_share,
+             features.peripheral_share, features.ggo_share, features.largest_share)
     return LesionAnalysis(
         labels=ct.with_array(les),
-        findings=findings,
+        findings=every[: config.max_reported_findings],
         lungs=(lung_figs[0], lung_figs[1]),
         zones=tuple(zones),
         involved_pct=involved_pct,
@@ -312,7 +346,7 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
         suspicion=suspicion_score(involved_pct, n_zones, bilateral),
         pattern=pattern,
         detector=detector_name,
-        n_findings_total=n_total,
+        n_findings_total=len(every),
     )
 
 
@@ -325,13 +359,15 @@ def _zone_index(z: npt.NDArray[np.floating], ext: tuple[float, float]) -> npt.ND
 
 
 def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.uint8],
-              z_ext: dict[Side, tuple[float, float]], cap: int) -> tuple[tuple[Finding, ...], int]:
-    """Connected components (26-connected) per kind, ranked by volume; the largest ``cap``."""
+              z_ext: dict[Side, tuple[float, float]], lung_box: tuple[slice, ...] | None,
+              peripheral_mm: float) -> tuple[Finding, ...]:
+    """Connected components (26-connected) per kind, every one, ranked by volume."""
     rows = []
     box = bounding_box(les)  # work on the lesions' bounding box only
-    if box is None:
-        return (), 0
+    if box is None or lung_box is None:
+        return ()
     start = np.array([b.start for b in box])
+    depth = PleuralDepth.around(lung_lab, ct, box, lung_box, peripheral_mm)
     les_b, lung_b, hu_b = les[box], lung_lab[box], ct.array[box]
     for kind, value in LESION_LABELS.items():
         lab, n = ndi.label(les_b == value, structure=np.ones((3, 3, 3), dtype=bool))
@@ -341,8 +377,11 @@ def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.u
         comp = lab[idx] - 1
         cnt = np.bincount(comp, minlength=n)
         hu_sum = np.bincount(comp, weights=hu_b[idx].astype(np.float64), minlength=n)
-        lps = ct.index_to_lps(np.stack(idx, axis=1) + start)
+        kji = np.stack(idx, axis=1) + start
+        lps = ct.index_to_lps(kji)
         sums = [np.bincount(comp, weights=lps[:, a], minlength=n) for a in range(3)]
+        near = np.bincount(comp, weights=(depth.at(kji) <= peripheral_mm).astype(np.float64),
+                           minlength=n)
         lo = np.full((n, 3), np.inf)
         hi = np.full((n, 3), -np.inf)
         for a in range(3):
@@ -356,18 +395,128 @@ def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.u
                     > side_votes[i, LUNG_LABELS[Side.RIGHT]] else Side.RIGHT)
             zone = ZONES[int(_zone_index(np.array([centroid[2]]), z_ext[side])[0])]
             rows.append((int(cnt[i]), kind, side, zone, float(hu_sum[i] / cnt[i]),
-                         centroid, tuple(lo[i]), tuple(hi[i])))
+                         centroid, tuple(lo[i]), tuple(hi[i]), float(near[i] / cnt[i])))
     rows.sort(key=lambda r: -r[0])
     vml = ct.voxel_volume_ml
-    out = tuple(
+    return tuple(
         Finding(index=j + 1, kind=r[1], volume_ml=r[0] * vml, side=r[2], zone=r[3],
                 mean_hu=r[4], centroid_lps=tuple(float(v) for v in r[5]),  # type: ignore[arg-type]
                 bbox_min_lps=tuple(float(v) for v in r[6]),  # type: ignore[arg-type]
                 bbox_max_lps=tuple(float(v) for v in r[7]),  # type: ignore[arg-type]
-                voxel_count=r[0])
-        for j, r in enumerate(rows[:cap])
+                voxel_count=r[0], peripheral_fraction=r[8])
+        for j, r in enumerate(rows)
     )
-    return out, len(rows)
+
+
+# --------------------------------------------------------------------------- position
+
+
+DEPTH_GRID_MM = 3.0  # the pleural depth is computed on a grid of about this spacing
+
+
+@dataclass(frozen=True, eq=False)
+class PleuralDepth:
+    """Depth below the pleura (mm) on a coarse grid around the lesions.
+
+    The chest cavity is the lung mask with, along each line of the axis that runs closest
+    to patient left-right (LPS x, found from the grid's direction), everything between the
+    line's first and last lung voxel filled in: the mediastinum, heart and spine between the
+    lungs become inside, so that the lungs' mediastinal surfaces do not count as "pleura"
+    and a perihilar lesion is central.  The depth of a voxel is its distance to the nearest
+    voxel outside that cavity (costal, diaphragmatic and apical pleura).  Only depths up to
+    ``cap_mm`` are exact: the grid spans the lesions' box widened by ``cap_mm`` (the whole
+    lung extent along x, where the fill needs whole lines); deeper is "deeper than cap_mm".
+    """
+
+    depth_mm: npt.NDArray[np.float32]
+    start: npt.NDArray[np.intp]  # full-grid index of coarse voxel (0, 0, 0)
+    step: npt.NDArray[np.intp]  # full-grid voxels per coarse voxel, per axis
+
+    @classmethod
+    def around(cls, lung_lab: npt.NDArray[np.uint8], ct: Volume, lesion_box: tuple[slice, ...],
+               lung_box: tuple[slice, ...], cap_mm: float) -> PleuralDepth:
+        sp = ct.spacing
+        x_axis = int(np.argmax(np.abs(ct.direction[0])))
+        crop = []
+        for a in range(3):
+            if a == x_axis:
+                crop.append(lung_box[a])
+            else:
+                m = math.ceil(cap_mm / sp[a]) + 1
+                crop.append(slice(max(0, lesion_box[a].start - m),
+                                  min(lung_lab.shape[a], lesion_box[a].stop + m)))
+        step = [max(1, round(DEPTH_GRID_MM / v)) for v in sp]
+        lung = np.asarray(lung_lab[tuple(slice(c.start, c.stop, f)
+                                         for c, f in zip(crop, step, strict=True))] > 0)
+        fwd = np.logical_or.accumulate(lung, axis=x_axis)
+        bwd = np.flip(np.logical_or.accumulate(np.flip(lung, axis=x_axis), axis=x_axis),
+                      axis=x_axis)
+        pad = [(1, 1) if a == x_axis else (0, 0) for a in range(3)]
+        cavity = np.pad(fwd & bwd, pad, constant_values=False)  # outside beyond the lungs
+        coarse_sp = [v * f for v, f in zip(sp, step, strict=True)]
+        depth = ndi.distance_transform_edt(cavity, sampling=coarse_sp)
+        inner = tuple(slice(1, -1) if a == x_axis else slice(None) for a in range(3))
+        return cls(np.asarray(depth[inner], dtype=np.float32),
+                   np.array([c.start for c in crop], dtype=np.intp),
+                   np.asarray(step, dtype=np.intp))
+
+    def at(self, kji: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
+        """Depth (mm) at full-grid voxel indices (N, 3), from the nearest coarse voxel."""
+        idx = np.rint((kji - self.start) / self.step).astype(np.intp)
+        np.clip(idx, 0, np.asarray(self.depth_mm.shape) - 1, out=idx)
+        return np.asarray(self.depth_mm[idx[:, 0], idx[:, 1], idx[:, 2]])
+
+
+# --------------------------------------------------------------------------- the call
+
+
+@dataclass(frozen=True)
+class PatternFeatures:
+    """What the study-level call reads, as shares of the involved volume (0..1)."""
+
+    involved_ml: float
+    minor_lung_share: float  # held by the less involved lung (0: unilateral)
+    peripheral_share: float  # within LesionsConfig.peripheral_depth_mm of the pleura
+    ggo_share: float  # ground glass (the rest is consolidation)
+    largest_share: float  # held by the largest focus (1: solitary)
+    n_foci: int
+
+
+def pattern_features(findings: Sequence[Finding]) -> PatternFeatures:
+    """The figures :func:`rsna_category` decides on, from every finding of the study."""
+    total = sum(f.volume_ml for f in findings)
+    if total <= 0:
+        return PatternFeatures(0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    per_side = {s: sum(f.volume_ml for f in findings if f.side == s) for s in SIDES}
+    return PatternFeatures(
+        involved_ml=total,
+        minor_lung_share=min(per_side.values()) / total,
+        peripheral_share=sum(f.volume_ml * f.peripheral_fraction for f in findings) / total,
+        ggo_share=sum(f.volume_ml for f in findings if f.kind is LesionKind.GGO) / total,
+        largest_share=max(f.volume_ml for f in findings) / total,
+        n_foci=len(findings),
+    )
+
+
+def rsna_category(findings: Sequence[Finding], involved_pct: float,
+                  config: LesionsConfig) -> Pattern:
+    """The study's RSNA category for COVID-19 pneumonia (see the module docstring).
+
+    ``findings``: every finding of the study (not only the reported ones);
+    ``involved_pct``: both lungs together.  Pure: the same inputs give the same call.
+    """
+    f = pattern_features(findings)
+    if f.involved_ml <= 0 or involved_pct < config.indeterminate_min_pct:
+        return Pattern.NEGATIVE
+    bilateral = f.minor_lung_share >= config.bilateral_min_share
+    if (bilateral and f.peripheral_share >= config.peripheral_min_share
+            and f.ggo_share >= config.typical_min_ggo_share
+            and involved_pct >= config.typical_min_pct):
+        return Pattern.TYPICAL
+    consolidation_dominant = 1.0 - f.ggo_share >= config.atypical_min_consolidation_share
+    if consolidation_dominant and (not bilateral or f.largest_share >= config.solitary_min_share):
+        return Pattern.ATYPICAL
+    return Pattern.INDETERMINATE
 
 
 def detect_and_analyse(ct: Volume, lungs: LungMasks, config: LesionsConfig) -> LesionAnalysis:

@@ -12,7 +12,8 @@ Outputs of one run (``build_report``):
 * **SR** (``highdicom.sr.Comprehensive3DSR``) with a TID 1500 Measurement Report: procedure
   "CT of chest", the algorithm as device observer, an image library of the source series, and
   measurement groups for each lung, each lesion kind, each reported finding, each lung zone and
-  the study as a whole (COVID-19 pattern, severity, suspicion, total involvement).
+  the study as a whole (the RSNA category for COVID-19 pneumonia, severity, suspicion, total
+  involvement).
 * **Key images** (``highdicom.sc.SCImage``, RGB): the most affected slices in a lung window with
   outlines and a burned-in caption ("AI triage - not for diagnosis").
 
@@ -95,10 +96,23 @@ KIND_CODES: dict[LesionKind, Code] = {
 ANATOMICAL_STRUCTURE: Code = codes.SCT.AnatomicalStructure  # 91723000
 ABNORMAL_STRUCTURE: Code = codes.SCT.MorphologicallyAbnormalStructure  # 49755003
 COVID_19 = Code("840539006", "SCT", "COVID-19")
+# The RSNA category (Simpson et al. 2020) as the value of the COVID-19 evaluation.  SNOMED CT
+# has Indeterminate, Atypical and Negative qualifiers; for "typical" (the statement's words:
+# "commonly reported imaging features of COVID-19 pneumonia are present") we found no
+# "Typical" qualifier and use Suspected (415684004, DICOM CID 3770).  The key-image caption
+# and the worklist name the category itself.
 PATTERN_CODES: dict[Pattern, Code] = {
-    Pattern.PRESENT: codes.SCT.Present,  # 52101004
-    Pattern.ABSENT: Code("2667000", "SCT", "Absent"),
+    Pattern.TYPICAL: Code("415684004", "SCT", "Suspected"),
     Pattern.INDETERMINATE: codes.SCT.Indeterminate,  # 82334004
+    Pattern.ATYPICAL: Code("112231000", "SCT", "Atypical"),
+    Pattern.NEGATIVE: codes.SCT.Negative,  # 260385009, DICOM CID 250
+}
+# How the key-image caption names each category (the statement's category names).
+PATTERN_CAPTIONS: dict[Pattern, str] = {
+    Pattern.TYPICAL: "typical for COVID-19 pneumonia",
+    Pattern.INDETERMINATE: "indeterminate for COVID-19 pneumonia",
+    Pattern.ATYPICAL: "atypical for COVID-19 pneumonia",
+    Pattern.NEGATIVE: "negative for pneumonia",
 }
 VOLUME: Code = codes.SCT.Volume  # 118565006
 EXTENT: Code = Code("260858005", "SCT", "Extent")  # percent of the lung involved
@@ -571,7 +585,7 @@ def _build_sr(ctx: _Context, seg: hd.seg.Segmentation) -> hd.sr.Comprehensive3DS
     ] = []
     algorithm_id = _algorithm_id(ctx)
 
-    # 1. The study as a whole: pattern, severity, suspicion, total involvement.
+    # 1. The study as a whole: RSNA category, severity, suspicion, total involvement.
     scale = a.severity_scale or "unnamed severity scale"
     severity_algorithm = hd.sr.AlgorithmIdentification(
         name=scale, version=ctx.algorithm_version,
@@ -848,7 +862,7 @@ def _build_key_images(ctx: _Context) -> list[hd.sc.SCImage]:
         area_cm2 = int(np.count_nonzero(les[k])) * ct.spacing[1] * ct.spacing[2] / 100.0
         caption = [
             DISCLAIMER,
-            f"Suspicion {a.suspicion:.2f} | COVID-19 pattern: {a.pattern.value}",
+            f"Suspicion {a.suspicion:.2f} | RSNA: {PATTERN_CAPTIONS[a.pattern]}",
             f"Involvement {a.involved_pct:.1f}% | severity {a.severity_score}/{a.severity_max} "
             f"({a.severity_scale})",
             f"Slice {k + 1}/{ct.shape[0]}, lesion area {area_cm2:.1f} cm2 | "

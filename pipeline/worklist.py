@@ -1,12 +1,17 @@
 """The triage worklist: one row per study, persisted in SQLite, ranked for reading.
 
-Ranking (most urgent first):
-  1. pattern present, by suspicion score (highest first)
-  2. pattern indeterminate, by suspicion score
-  3. not analysed or failed, and "absent" results that carry a quality warning (for
+Ranking (most urgent first), by the study-level call (the RSNA category, see
+:func:`pipeline.lesions.rsna_category`):
+  1. typical for COVID-19 pneumonia, by suspicion score (highest first)
+  2. indeterminate, by suspicion score: findings that COVID-19 can give, but not only it
+  3. atypical, by suspicion score: a finding that needs a reader, though probably for
+     another diagnosis (lobar pneumonia, a mass): read after the possible COVID-19 cases
+  4. not analysed or failed, and negative results that carry a quality warning (for
      example an implausible lung mask): a human must read these; never shown as negative
-  4. pattern absent, by suspicion score
-Within a group, older studies first (they have waited longest).
+  5. negative, by suspicion score
+Within a group, older studies first (they have waited longest).  Rows written before the
+RSNA categories hold "present" / "indeterminate" / "absent": "present" ranks and shows
+with the typical studies, "absent" with the negative ones (the row keeps its old value).
 """
 
 from __future__ import annotations
@@ -49,12 +54,23 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 """
 
-_GROUP = {Pattern.PRESENT.value: 0, Pattern.INDETERMINATE.value: 1, Pattern.ABSENT.value: 3}
+# Values stored by earlier versions ("present" / "absent") read as their nearest category.
+_LEGACY = {"present": Pattern.TYPICAL.value, "absent": Pattern.NEGATIVE.value}
+_GROUP = {Pattern.TYPICAL.value: 0, Pattern.INDETERMINATE.value: 1, Pattern.ATYPICAL.value: 2,
+          Pattern.NEGATIVE.value: 4}
+_NOT_ANALYSED_GROUP = 3
 _FLAG = {
-    Pattern.PRESENT.value: "FLAG",
-    Pattern.INDETERMINATE.value: "review",
-    Pattern.ABSENT.value: "-",
+    Pattern.TYPICAL.value: "TYPICAL",
+    Pattern.INDETERMINATE.value: "indeterminate",
+    Pattern.ATYPICAL.value: "atypical",
+    Pattern.NEGATIVE.value: "-",
 }
+
+
+def _category(pattern: str | None) -> str:
+    """The stored pattern as one of the RSNA categories' values ('' where unknown)."""
+    p = pattern or ""
+    return _LEGACY.get(p, p)
 
 
 @dataclass(frozen=True)
@@ -175,11 +191,11 @@ class Worklist:
 
         def key(r: sqlite3.Row) -> tuple[int, float, str, str]:
             if r["status"] != Status.ANALYSED.value:
-                group = 2
+                group = _NOT_ANALYSED_GROUP
             else:
-                group = _GROUP.get(r["pattern"] or "", 2)
-                if group == 3 and json.loads(r["warnings"]):
-                    group = 2  # "absent" from a doubtful analysis: a human reads it
+                group = _GROUP.get(_category(r["pattern"]), _NOT_ANALYSED_GROUP)
+                if group == _GROUP[Pattern.NEGATIVE.value] and json.loads(r["warnings"]):
+                    group = _NOT_ANALYSED_GROUP  # negative from a doubtful analysis: read it
 
             return (group, -(r["suspicion"] or 0.0), r["study_date"], r["study_uid"])
 
@@ -191,7 +207,7 @@ class Worklist:
                 uids.setdefault(o.kind, []).append(o.sop_instance_uid)
             analysed = r["status"] == Status.ANALYSED.value
             warnings = json.loads(r["warnings"])
-            flag = _FLAG.get(r["pattern"] or "", "?") if analysed else "NOT ANALYSED"
+            flag = _FLAG.get(_category(r["pattern"]), "?") if analysed else "NOT ANALYSED"
             if analysed and warnings and flag == "-":
                 flag = "check"
             out.append(
@@ -225,7 +241,7 @@ class Worklist:
 def format_table(rows: list[WorklistRow]) -> str:
     """The worklist as a fixed-width table for a terminal."""
     head = (
-        f"{'#':>3}  {'flag':<12} {'score':>5}  {'involved':>8}  {'severity':>8}  "
+        f"{'#':>3}  {'flag':<13} {'score':>5}  {'involved':>8}  {'severity':>8}  "
         f"{'lungs R/L (ml)':>14}  {'date':<8}  {'accession':<16} status"
     )
     lines = [head, "-" * len(head)]
@@ -239,7 +255,7 @@ def format_table(rows: list[WorklistRow]) -> str:
             else "-"
         )
         lines.append(
-            f"{r.rank:>3}  {r.flag:<12} {score:>5}  {inv:>8}  {sev:>8}  {lungs:>14}  "
+            f"{r.rank:>3}  {r.flag:<13} {score:>5}  {inv:>8}  {sev:>8}  {lungs:>14}  "
             f"{r.study_date or '-':<8}  {(r.accession_number or '-')[:16]:<16} {r.status_text}"
         )
     if not rows:

@@ -59,8 +59,8 @@ def test_phantom_archive_end_to_end(
     rows = _worklist(phantom_archive, capsys)
     assert [r["accession_number"] for r in rows] == ["E2E1", "E2E2"]  # lesions ranked first
     sick, clear = rows
-    assert sick["status"] == "analysed" and sick["pattern"] == "present"
-    assert clear["status"] == "analysed" and clear["pattern"] == "absent"
+    assert sick["status"] == "analysed" and sick["pattern"] == "typical"
+    assert clear["status"] == "analysed" and clear["pattern"] == "negative"
     assert float(sick["suspicion"]) > float(clear["suspicion"])  # type: ignore[arg-type]
     kinds = _outputs(phantom_archive)
     assert kinds["sr"] == 2 and kinds["seg"] == 2 and kinds["sc"] >= 2

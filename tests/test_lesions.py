@@ -12,6 +12,7 @@ import pytest
 from pipeline.artefacts import (
     LESION_LABELS,
     LUNG_LABELS,
+    Finding,
     LesionKind,
     LungMasks,
     Pattern,
@@ -24,14 +25,26 @@ from pipeline.errors import ConfigError
 from pipeline.lesions import (
     SEVERITY_SCALE,
     DensityLesionDetector,
+    PleuralDepth,
     analyse,
     detect_and_analyse,
     detector_for,
+    pattern_features,
+    rsna_category,
     severity_zone_score,
     suspicion_score,
 )
 from pipeline.lungs import segment_lungs
-from pipeline.phantom.model import LesionSpec, PhantomSpec, default_lesions, make_grid, render
+from pipeline.phantom.model import (
+    LesionSpec,
+    PhantomSpec,
+    central_ggo_lesions,
+    default_lesions,
+    lobar_consolidation_lesions,
+    make_grid,
+    render,
+    subpleural_ggo_lesions,
+)
 
 log = logging.getLogger(__name__)
 SHAPE = (110, 160, 160)
@@ -90,7 +103,10 @@ def test_kind_volumes_and_figures(case) -> None:  # type: ignore[no-untyped-def]
     assert right.volume_ml == pytest.approx(lungs.mask(Side.RIGHT).sum() * ct.voxel_volume_ml)
     assert len(an.zones) == 6
     assert sum(z.lung_ml for z in an.zones) == pytest.approx(right.volume_ml + left.volume_ml)
-    assert an.pattern == Pattern.PRESENT
+    # bilateral, three foci, mostly ground glass, the consolidation subpleural: typical
+    assert an.pattern == Pattern.TYPICAL, pattern_features(an.findings)
+    cons = _match(an, default_lesions()[1])
+    assert cons.peripheral_fraction > 0.9  # it touches the costal pleura
     assert an.severity_scale == SEVERITY_SCALE and an.severity_max == 30
     # every involved zone holds < 5%: score 1 each; the right GGO straddles the middle/lower
     # boundary, so four zones (R middle, R lower, L middle, L upper); same as the truth's
@@ -109,10 +125,10 @@ def test_no_finding_outside_the_lungs(case) -> None:  # type: ignore[no-untyped-
     assert not np.any((an2.labels.array > 0) & ~lungs.mask())
 
 
-def test_lesion_free_phantom_is_absent() -> None:
+def test_lesion_free_phantom_is_negative() -> None:
     ct, _ = render(PhantomSpec(lesions=()), make_grid(SHAPE, SPACING, "axial"), SHAPE)
     an = detect_and_analyse(ct, segment_lungs(ct), CFG)
-    assert an.pattern == Pattern.ABSENT
+    assert an.pattern == Pattern.NEGATIVE
     assert an.n_findings_total <= 1 and an.involved_pct < 0.05
     assert an.severity_score <= 1 and an.suspicion < 0.05
 
@@ -134,7 +150,8 @@ def test_severity_of_known_involvement() -> None:
     assert sum(scores.values()) == an.severity_score == 5
     assert an.zones[0].involved_pct > 99
     assert an.lungs[0].consolidation_ml > 0 and an.lungs[1].ggo_ml == 0
-    assert an.pattern == Pattern.PRESENT
+    # a whole zone of one lung consolidated, nothing else: unilateral, consolidation only
+    assert an.pattern == Pattern.ATYPICAL
 
 
 def test_score_functions() -> None:
@@ -168,8 +185,8 @@ def test_lidc_real_study(shared_data: Path) -> None:
 
     The density detector cannot tell a collapsed or consolidated lobe from COVID-19
     consolidation: it must report the opacity (right, upper zone, about 200 ml) and
-    nothing in the normal left lung.  The "present" flag this gives is a known false
-    positive for COVID-19 (a true dense finding), stated in the README.
+    nothing in the normal left lung.  The study-level call follows the pattern: one
+    dense opacity in one lung is atypical for COVID-19 pneumonia, never typical.
     """
     from test_lungs import read_lidc
 
@@ -188,3 +205,122 @@ def test_lidc_real_study(shared_data: Path) -> None:
     assert left.ggo_ml + left.consolidation_ml < 5.0  # the normal lung stays clean
     assert an.n_findings_total <= 10
     assert not np.any((an.labels.array > 0) & ~lungs.mask())
+    features = pattern_features(an.findings)
+    assert features.minor_lung_share < 0.05 and features.ggo_share < 0.3, features
+    assert an.pattern is Pattern.ATYPICAL
+
+
+# --------------------------------------------------------------------------- the study-level call
+
+
+@pytest.mark.parametrize(("lesions", "orient", "want"), [
+    (subpleural_ggo_lesions(), "axial", Pattern.TYPICAL),
+    (subpleural_ggo_lesions(), "oblique", Pattern.TYPICAL),
+    (central_ggo_lesions(), "flipped", Pattern.INDETERMINATE),
+    (lobar_consolidation_lesions(), "flipped", Pattern.ATYPICAL),
+], ids=["subpleural-ggo-axial", "subpleural-ggo-oblique", "central-ggo-flipped",
+        "lobar-consolidation-flipped"])
+def test_phantom_patterns_get_their_rsna_category(
+        lesions: tuple[LesionSpec, ...], orient: str, want: Pattern) -> None:
+    """The density detector on classical lungs, and the call from what it found."""
+    thickness = 2.5 if orient == "oblique" else None
+    ct, truth = render(PhantomSpec(lesions=lesions), make_grid(SHAPE, SPACING, orient),  # type: ignore[arg-type]
+                       SHAPE, thickness)
+    an = detect_and_analyse(ct, segment_lungs(ct), CFG)
+    features = pattern_features(an.findings)
+    log.info("%s %s: %s, %.2f%% involved, %s", orient, want, an.pattern, an.involved_pct,
+             features)
+    assert an.pattern is want, features
+    # each inserted lesion is found, of its kind, in its lung
+    for spec, ml, side in zip(lesions, truth.lesion_ml, truth.lesion_sides, strict=True):
+        f = _match(an, spec)
+        assert f.side == side and abs(f.volume_ml - ml) < 0.25 * ml, (spec, f)
+        if want is Pattern.TYPICAL:  # every one of them subpleural ...
+            assert f.peripheral_fraction > 0.9, f
+        if want is Pattern.INDETERMINATE:  # ... or perihilar, far from the costal pleura
+            assert f.peripheral_fraction < 0.1, f
+
+
+def test_pleural_depth_ignores_the_mediastinal_surface() -> None:
+    """Depth is measured from the costal pleura: the lungs' medial surfaces are inside the
+    chest cavity, whatever way the grid runs."""
+    shape = (60, 160, 160)
+    for orient in ("axial", "flipped", "oblique"):
+        ct, truth = render(PhantomSpec(lesions=(), vessels=False),
+                           make_grid(shape, (2.5, 2.2, 2.2), orient), shape)
+        lab = truth.lungs.array
+        box = tuple(slice(0, n) for n in shape)
+        depth = PleuralDepth.around(lab, ct, box, box, 30.0)
+        points = {"right lateral": (-125.0, 5.0, 0.0), "left lateral": (125.0, 5.0, 0.0),
+                  "right medial": (-16.0, 5.0, 0.0), "left medial": (16.0, 30.0, 0.0),
+                  "right posterior": (-70.0, 75.0, 0.0)}
+        kji = np.rint(ct.lps_to_index(list(points.values()))).astype(np.intp)
+        assert all(lab[tuple(i)] > 0 for i in kji), orient  # every point is in a lung
+        d = dict(zip(points, depth.at(kji), strict=True))
+        assert d["right lateral"] < 10 and d["left lateral"] < 10, (orient, d)
+        assert d["right posterior"] < 10, (orient, d)
+        assert d["right medial"] > 30 and d["left medial"] > 30, (orient, d)
+
+
+def _finding(kind: LesionKind, ml: float, side: Side, peripheral: float) -> Finding:
+    return Finding(index=1, kind=kind, volume_ml=ml, side=side, zone=Zone.MIDDLE,
+                   mean_hu=-600.0 if kind is LesionKind.GGO else 20.0,
+                   centroid_lps=(0.0, 0.0, 0.0), bbox_min_lps=(0.0, 0.0, 0.0),
+                   bbox_max_lps=(0.0, 0.0, 0.0), voxel_count=1,
+                   peripheral_fraction=peripheral)
+
+
+GGO, CONS = LesionKind.GGO, LesionKind.CONSOLIDATION
+R, L = Side.RIGHT, Side.LEFT
+
+
+@pytest.mark.parametrize(("findings", "pct", "want"), [
+    # nothing, or negligible involvement
+    ((), 0.0, Pattern.NEGATIVE),
+    ((_finding(GGO, 2.0, R, 1.0), _finding(GGO, 2.0, L, 1.0)), 0.05, Pattern.NEGATIVE),
+    # bilateral peripheral ground glass, with or without consolidation
+    ((_finding(GGO, 30, R, 0.9), _finding(GGO, 20, L, 0.8), _finding(GGO, 10, L, 0.7)), 1.5,
+     Pattern.TYPICAL),
+    ((_finding(GGO, 30, R, 0.8), _finding(CONS, 25, R, 0.9), _finding(GGO, 20, L, 0.7)), 2.0,
+     Pattern.TYPICAL),
+    # the same distribution, but too little of it to call
+    ((_finding(GGO, 6, R, 0.9), _finding(GGO, 5, L, 0.8)), 0.3, Pattern.INDETERMINATE),
+    # unilateral ground glass, even peripheral and multifocal
+    ((_finding(GGO, 40, R, 0.9), _finding(GGO, 30, R, 0.9)), 2.0, Pattern.INDETERMINATE),
+    # bilateral central (perihilar) ground glass
+    ((_finding(GGO, 40, R, 0.1), _finding(GGO, 35, L, 0.2)), 2.0, Pattern.INDETERMINATE),
+    # bilateral peripheral consolidation with hardly any ground glass: not typical, and
+    # neither solitary nor unilateral: indeterminate
+    ((_finding(CONS, 40, R, 0.9), _finding(CONS, 35, L, 0.9), _finding(GGO, 5, L, 0.9)), 2.0,
+     Pattern.INDETERMINATE),
+    # a unilateral lobar consolidation with thin ground-glass rims
+    ((_finding(CONS, 210, R, 0.6), _finding(GGO, 12, R, 0.0), _finding(GGO, 3, R, 0.3)), 7.0,
+     Pattern.ATYPICAL),
+    # a solitary mass, peripheral
+    ((_finding(CONS, 25, L, 1.0),), 0.8, Pattern.ATYPICAL),
+    # a solitary mass with a speck of ground glass in the other lung
+    ((_finding(CONS, 40, R, 0.8), _finding(GGO, 4, L, 0.9)), 1.2, Pattern.ATYPICAL),
+    # consolidation in one lung, but ground glass beside it: unilateral GGO with
+    # consolidation is indeterminate
+    ((_finding(CONS, 30, R, 0.9), _finding(GGO, 30, R, 0.9)), 1.5, Pattern.INDETERMINATE),
+], ids=["nothing", "negligible", "bilateral-peripheral-ggo", "bilateral-peripheral-mixed",
+        "too-little", "unilateral-ggo", "central-ggo", "bilateral-consolidation",
+        "lobar-consolidation", "solitary-mass", "mass-and-speck", "unilateral-mixed"])
+def test_rsna_category_rule(findings: tuple[Finding, ...], pct: float, want: Pattern) -> None:
+    assert rsna_category(findings, pct, CFG) is want, pattern_features(findings)
+
+
+def test_rsna_category_thresholds_come_from_the_config() -> None:
+    typical = (_finding(GGO, 30, R, 0.6), _finding(GGO, 20, L, 0.6))
+    assert rsna_category(typical, 1.5, CFG) is Pattern.TYPICAL
+    assert rsna_category(typical, 1.5, LesionsConfig(peripheral_min_share=0.7)) \
+        is Pattern.INDETERMINATE
+    assert rsna_category(typical, 1.5, LesionsConfig(typical_min_pct=2.0)) \
+        is Pattern.INDETERMINATE
+    assert rsna_category(typical, 1.5, LesionsConfig(bilateral_min_share=0.45)) \
+        is Pattern.INDETERMINATE
+    assert rsna_category(typical, 1.5, LesionsConfig(indeterminate_min_pct=2.0)) \
+        is Pattern.NEGATIVE
+    mass = (_finding(CONS, 30, R, 0.3), _finding(GGO, 10, L, 0.3))  # largest 0.75
+    assert rsna_category(mass, 1.0, CFG) is Pattern.INDETERMINATE
+    assert rsna_category(mass, 1.0, LesionsConfig(solitary_min_share=0.7)) is Pattern.ATYPICAL

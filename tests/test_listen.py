@@ -79,7 +79,7 @@ def test_storescu_pushes_a_study_that_is_screened_and_findscu_finds_the_results(
     assert summary.outputs_written >= 3
     with Worklist(listener.worklist_path) as wl:
         (row,) = wl.rows()
-    assert row.study_uid == study and row.pattern == "present"
+    assert row.study_uid == study and row.pattern == "typical"
     assert not (listener.incoming / study).exists()  # received files dropped once screened
 
     found = subprocess.run(

@@ -208,7 +208,7 @@ def test_compressed_study_is_retrieved_as_stored(
             summary = run_batch(archive, Stages.load(config), wl, outbox=ob, window=PHANTOM_NIGHT)
             (row,) = wl.rows()
         assert summary.by_status == {"analysed": 1}, summary.reasons
-        assert row.pattern == "present"
+        assert row.pattern == "typical"
         assert len(seen) == 200 and set(seen) == {syntax}  # no transcoding by the archive
         counts = result_counts(orthanc, study)
         assert counts["sr"] == 1 and counts["seg"] == 1 and counts["sc"] >= 1, counts

@@ -37,11 +37,13 @@ from pipeline.artefacts import (
     Zone,
     ZoneFigure,
 )
-from pipeline.config import ReportConfig, VolumeConfig
+from pipeline.config import LesionsConfig, ReportConfig, VolumeConfig
+from pipeline.lesions import rsna_category
 from pipeline.report import (
     COVID_19,
     EXTENT,
     KIND_CODES,
+    PATTERN_CODES,
     SEGMENT_NUMBERS,
     VOLUME,
     ReportObjects,
@@ -205,7 +207,8 @@ def _make_case(ct: Volume, sources: list[pydicom.Dataset], lesions: bool = True)
         severity_max=20,
         severity_scale="CT severity score, 5 lobes x 0-4 (test)",
         suspicion=0.8731 if lesions else 0.02,
-        pattern=Pattern.PRESENT if lesions else Pattern.ABSENT,
+        # the call of the rule itself: two boxes, one per lung, neither marked peripheral
+        pattern=rsna_category(findings, 100 * involved / total, LesionsConfig()),
         detector="test 1",
         n_findings_total=len(findings),
     )
@@ -281,6 +284,27 @@ def _assert_valid(objects: ReportObjects, tmp_path: Path) -> list[str]:
 
 def test_objects_pass_dciodvfy(built: ReportObjects, tmp_path: Path) -> None:
     _assert_valid(built, tmp_path)
+
+
+@pytest.mark.parametrize(("pattern", "code"), [
+    (Pattern.TYPICAL, ("415684004", "Suspected")),
+    (Pattern.INDETERMINATE, ("82334004", "Indeterminate")),
+    (Pattern.ATYPICAL, ("112231000", "Atypical")),
+    (Pattern.NEGATIVE, ("260385009", "Negative")),
+])
+def test_each_rsna_category_is_coded_in_a_valid_sr(case: Case, tmp_path: Path,
+                                                   pattern: Pattern, code: tuple[str, str]) -> None:
+    assert set(PATTERN_CODES) == set(Pattern)
+    c = replace(case, analysis=replace(case.analysis, pattern=pattern))
+    sr_path = _write(_build(c).sr, tmp_path / "sr.dcm")
+    lines = _dciodvfy(sr_path)
+    assert not [ln for ln in lines if ln.startswith("Error")], lines
+    assert all(any(w in ln for w in _SOURCE_WARNINGS) for ln in lines), lines
+    report: Any = hd.sr.srread(sr_path).content
+    (study,) = report.get_image_measurement_groups(finding_type=COVID_19)
+    (evaluation,) = study.get_qualitative_evaluations(name=COVID_19)
+    assert (evaluation.value.value, evaluation.value.scheme_designator,
+            evaluation.value.meaning) == (code[0], "SCT", code[1])
 
 
 def test_objects_reference_the_source_study(built: ReportObjects, case: Case) -> None:
@@ -363,7 +387,9 @@ def test_sr_holds_the_measurements(built: ReportObjects, case: Case, tmp_path: P
     )
     assert len(study) == 1
     (evaluation,) = study[0].get_qualitative_evaluations(name=COVID_19)
-    assert evaluation.value.value == "52101004"  # Present
+    # bilateral ground glass (and consolidation) that is not peripheral: indeterminate
+    assert a.pattern is Pattern.INDETERMINATE
+    assert evaluation.value.value == "82334004"  # Indeterminate
     m = _measurements(study[0])
     assert m["Extent"] == (pytest.approx(a.involved_pct, abs=1e-3), "%")
     assert m["Severity"] == (a.severity_score, "{score}")
@@ -517,7 +543,7 @@ def _all_uids(o: ReportObjects) -> list[str]:
     return out
 
 
-def test_absent_study_builds_and_validates(small: tuple[Volume, list[pydicom.Dataset]],
+def test_negative_study_builds_and_validates(small: tuple[Volume, list[pydicom.Dataset]],
                                            tmp_path: Path) -> None:
     c = _make_case(*small, lesions=False)
     objects = _build(c)
@@ -531,7 +557,7 @@ def test_absent_study_builds_and_validates(small: tuple[Volume, list[pydicom.Dat
     report: Any = sr.content
     (study,) = report.get_image_measurement_groups(finding_type=COVID_19)
     (evaluation,) = study.get_qualitative_evaluations(name=COVID_19)
-    assert evaluation.value.value == "2667000"  # Absent
+    assert evaluation.value.value == "260385009"  # Negative
     # The empty lesion kinds are reported as 0 ml without an ROI reference.
     for kind in LesionKind:
         (g,) = report.get_image_measurement_groups(finding_type=KIND_CODES[kind])
@@ -633,6 +659,6 @@ def _make_case_big(ct: Volume, sources: list[pydicom.Dataset]) -> Case:
         labels=ct.with_array(les), findings=(f1, f2), lungs=(figs[0], figs[1]),
         zones=tuple(ZoneFigure(s, z, 100.0, 5.0, 5.0, 1) for s in Side for z in Zone),
         involved_pct=5.0, severity_score=6, severity_max=20, severity_scale="test scale",
-        suspicion=0.9, pattern=Pattern.PRESENT, detector="test", n_findings_total=2,
+        suspicion=0.9, pattern=Pattern.TYPICAL, detector="test", n_findings_total=2,
     )
     return Case(ct, sources, LungMasks(ct.with_array(lung), "test"), analysis)

@@ -87,6 +87,54 @@ def default_lesions() -> tuple[LesionSpec, ...]:
     )
 
 
+def lung_surface_point(side: Side, direction: Vec3, depth_mm: float = 0.0) -> Vec3:
+    """The point of ``side``'s lung ellipsoid surface seen from its centre in ``direction``
+    (LPS), moved ``depth_mm`` back towards the centre: where a subpleural lesion sits."""
+    c, r = np.asarray(LUNG_CENTRES[side]), np.asarray(LUNG_RADII)
+    u = np.asarray(direction, dtype=np.float64)
+    u /= np.linalg.norm(u)
+    t = 1.0 / math.sqrt(float(np.sum((u / r) ** 2))) - depth_mm
+    p = c + t * u
+    return (float(p[0]), float(p[1]), float(p[2]))
+
+
+def subpleural_ggo_lesions() -> tuple[LesionSpec, ...]:
+    """Bilateral, multifocal, peripheral ground glass: the RSNA "typical" appearance.
+
+    Five ground-glass ellipsoids, each centred 6 mm under the costal pleura (the outer part
+    of each ellipsoid lies in the chest wall and is not inserted): right lower posterior,
+    right upper lateral, right middle anterior, left lower posterior, left middle lateral.
+    """
+    where = (
+        (Side.RIGHT, (-0.6, 0.8, -0.45)),
+        (Side.RIGHT, (-1.0, 0.1, 0.55)),
+        (Side.RIGHT, (-0.7, -0.7, 0.0)),
+        (Side.LEFT, (0.6, 0.8, -0.5)),
+        (Side.LEFT, (1.0, -0.2, 0.15)),
+    )
+    return tuple(
+        LesionSpec(LesionKind.GGO, lung_surface_point(side, d, 6.0), (16.0, 16.0, 20.0))
+        for side, d in where
+    )
+
+
+def central_ggo_lesions() -> tuple[LesionSpec, ...]:
+    """Bilateral perihilar (central) ground glass, far from the costal pleura: the RSNA
+    "indeterminate" appearance (ground glass without the typical peripheral distribution)."""
+    return (
+        LesionSpec(LesionKind.GGO, (-42.0, 12.0, 15.0), (14.0, 18.0, 20.0)),
+        LesionSpec(LesionKind.GGO, (-50.0, 20.0, -25.0), (14.0, 16.0, 16.0)),
+        LesionSpec(LesionKind.GGO, (42.0, 18.0, 20.0), (14.0, 18.0, 20.0)),
+    )
+
+
+def lobar_consolidation_lesions() -> tuple[LesionSpec, ...]:
+    """One dense consolidation filling the upper part of the right lung (an upper-lobe-like
+    region, apex to about 25 mm above the lung's equator, costal to mediastinal surface):
+    unilateral lobar consolidation, which the RSNA statement calls "atypical"."""
+    return (LesionSpec(LesionKind.CONSOLIDATION, (-70.0, 5.0, 95.0), (70.0, 85.0, 70.0)),)
+
+
 @dataclass(frozen=True)
 class PhantomSpec:
     """What to render.  ``seed`` drives the image noise; ``anatomy_seed`` the vessel tree
