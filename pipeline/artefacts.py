@@ -295,6 +295,8 @@ class LungMasks:
 
     labels: Volume
     method: str
+    # coded quality warnings the segmenter itself raised (e.g. its cross-check disagreed)
+    warnings: tuple[str, ...] = ()
 
     def mask(self, side: Side | None = None) -> npt.NDArray[np.bool_]:
         a = self.labels.array

@@ -9,7 +9,9 @@ ctscreen worklist [--archive NAME|DIR | --worklist FILE] [--json]
 ctscreen demo [--dir DIR] [--phantom-only]
 ctscreen data import --out DIR [--semiseg DIR] [--volumes DIR] [--synthetic-from DICOM_DIR]
 ctscreen train [--config configs/train_lesions.yaml] [--resume]
-ctscreen evaluate MODEL|density DATA [--held-out-of MODEL] [--out DIR]
+ctscreen evaluate MODEL|density|default DATA [--lungs MODEL|classical] [--config FILE]
+                  [--held-out-of MODEL] [--out DIR]
+ctscreen evaluate --task lungs MODEL|classical|default DATA [--config FILE] [--out DIR]
 ctscreen export [--run DIR] --out models/NAME [--report KEY=REPORT_JSON]
 
 ``--config`` defaults to the environment variable CTSCREEN_CONFIG.
@@ -400,27 +402,44 @@ def _add_model_commands(sub: Any) -> None:
                     help="folder with Imgs/*.jpg + GT/*.png (8-bit annotated slices)")
     di.add_argument("--volumes", action="append", default=[],
                     help="folder SITE/CASE/{image.nii.gz|image/, label.nii.gz|seg.dcm}")
+    di.add_argument("--ma20", action="append", default=[],
+                    help="folder ct/ + lungs/ + infection/ + volumes.csv (full-field 8-bit "
+                         "slices, merged infection masks); its volumes keep the lung model's "
+                         "patient split (train / val / test)")
     di.add_argument("--synthetic-from", help="a lesion-free real CT series (DICOM folder)")
     di.add_argument("--synthetic-cases", type=int, default=8)
     di.add_argument("--seed", type=int, default=0)
     di.set_defaults(func=_cmd_data_import)
 
-    t = sub.add_parser("train", help="train the lesion model (needs the train extra)")
-    t.add_argument("--config", default="configs/train_lesions.yaml")
+    t = sub.add_parser("train", help="train the lesion or lung model (needs the train extra)")
+    t.add_argument("--task", choices=("lesions", "lungs"), default="lesions")
+    t.add_argument("--config", help="default: configs/train_<task>.yaml")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("evaluate", help="score a lesion model or the density baseline")
-    ev.add_argument("model", help="a model folder (models/NAME) or 'density'")
-    ev.add_argument("data", help="a dataset, or a folder in any import layout")
-    ev.add_argument("--held-out-of", help="also leave out the cases this model folder saw")
+    ev = sub.add_parser("evaluate", help="score a lesion detector or a lung segmenter on a "
+                        "dataset, the way the batch runs it")
+    ev.add_argument("model", help="--task lesions: a lesion model folder (models/NAME), "
+                    "'density' or 'default' (the configured detector); --task lungs: a lung "
+                    "model folder, 'classical' or 'default' (the configured lungs)")
+    ev.add_argument("data", help="a dataset, or a folder in any import layout (semiseg, ma20, "
+                    "volumes)")
+    ev.add_argument("--task", choices=("lesions", "lungs"), default="lesions")
+    ev.add_argument("--lungs", help="--task lesions: the lung segmenter whose mask is the region "
+                    "on full-field cases: a lung model folder or 'classical' (default: the "
+                    "configured lungs)")
+    ev.add_argument("--config", help="YAML settings overriding the embedded defaults (default: "
+                    "$CTSCREEN_CONFIG): its lesions and lungs sections")
+    ev.add_argument("--held-out-of", action="append", default=[], metavar="MODEL",
+                    help="also leave out the cases this model folder saw (repeatable)")
     ev.add_argument("--min-lesion-mm2", type=float, default=20.0)
     ev.add_argument("--bootstrap", type=int, default=2000)
     ev.add_argument("--out", help="write report.json and report.md here")
     ev.set_defaults(func=_cmd_evaluate)
 
     ex = sub.add_parser("export", help="checkpoint -> model.onnx, model.yaml, MODEL_CARD.md")
-    ex.add_argument("--run", default="work/train-lesions", help="training run folder")
+    ex.add_argument("--task", choices=("lesions", "lungs"), default="lesions")
+    ex.add_argument("--run", help="training run folder (default: work/train-<task>)")
     ex.add_argument("--out", required=True, help="model folder, e.g. models/NAME")
     ex.add_argument("--report", action="append", default=[], metavar="KEY=REPORT_JSON",
                     help="attach an evaluation (e.g. model=..., baseline=...)")
@@ -436,16 +455,25 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
         raise CtscreenError(f"{out} is not empty: choose a new folder for the dataset")
     ds = import_into(out, [Path(p) for p in args.semiseg], [Path(p) for p in args.volumes],
                      Path(args.synthetic_from) if args.synthetic_from else None,
-                     args.synthetic_cases, args.seed)
+                     args.synthetic_cases, args.seed, ma20=[Path(p) for p in args.ma20],
+                     ma20_fixed_splits=True)
     print(f"{len(ds.records)} cases in {out}")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    config = args.config or f"configs/train_{args.task}.yaml"
+    if args.task == "lungs":
+        from .config import load_lung_train_config
+        from .train.lungs import train as train_lungs
+
+        run = train_lungs(load_lung_train_config(config), resume=args.resume)
+        print(f"checkpoints in {run}")
+        return 0
     from .config import load_train_config
     from .train.loop import train
 
-    run = train(load_train_config(args.config), resume=args.resume)
+    run = train(load_train_config(config), resume=args.resume)
     print(f"checkpoints in {run}")
     return 0
 
@@ -454,12 +482,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
     from .train.dataset import open_dataset
-    from .train.evaluate import evaluate, report_markdown, write_report
+    from .train.evaluate import evaluate, evaluate_lungs, report_markdown, write_report
 
+    config = _config(args)
+    if args.task == "lungs" and args.lungs:
+        raise CtscreenError("--lungs is for --task lesions; with --task lungs the segmenter is "
+                            "the first argument")
     with tempfile.TemporaryDirectory(prefix="ctscreen-eval-") as tmp:
         ds = open_dataset(args.data, Path(tmp))
-        report = evaluate(args.model, ds, args.held_out_of, args.min_lesion_mm2,
-                          n_boot=args.bootstrap)
+        if args.task == "lungs":
+            report = evaluate_lungs(args.model, ds, args.held_out_of, n_boot=args.bootstrap,
+                                    config=config)
+        else:
+            report = evaluate(args.model, ds, args.held_out_of, args.min_lesion_mm2,
+                              n_boot=args.bootstrap, config=config, lungs=args.lungs)
+    report["dataset"] = str(args.data)  # what was given, not the folder it was imported to
     if args.out:
         write_report(report, Path(args.out))
     print(report_markdown(report))
@@ -469,13 +506,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .train.export import export_model
 
+    run_dir = Path(args.run or f"work/train-{args.task}")
+    if args.task == "lungs":
+        from .train.lungs import export_lung_model
+
+        metrics = {}
+        for item in args.report:
+            key, _, path = item.partition("=")
+            if not path:
+                raise CtscreenError(f"--report: expected KEY=REPORT_JSON, got {item!r}")
+            metrics[key] = json.loads(Path(path).read_text(encoding="utf-8"))
+        print(f"exported {export_lung_model(run_dir, Path(args.out), args.checkpoint, metrics)}")
+        return 0
     reports = {}
     for item in args.report:
         key, _, path = item.partition("=")
         if not path:
             raise CtscreenError(f"--report: expected KEY=REPORT_JSON, got {item!r}")
         reports[key] = Path(path)
-    path = export_model(Path(args.run), Path(args.out), reports, checkpoint=args.checkpoint)
+    path = export_model(run_dir, Path(args.out), reports, checkpoint=args.checkpoint)
     print(f"exported {path}")
     return 0
 

@@ -81,7 +81,18 @@ class VolumeConfig:
 
 @dataclass(frozen=True)
 class LungsConfig:
+    # "model": the learned segmenter (ONNX Runtime, folder ``model``); "classical": the
+    # threshold method below, which also serves as the model's cross-check
     method: str = "classical"
+    model: str = "models/ctscreen-lungs-unet2d"
+    threads: int = 2  # onnxruntime intra-op threads (the model)
+    providers: tuple[str, ...] = ()  # onnxruntime providers; empty: CUDA where present, CPU
+    # method "model": the classical segmenter runs too, at this coarser in-plane spacing, and
+    # a Dice between the two under cross_check_min_dice is a coded warning
+    # ("lung-methods-disagree"); cross_check false skips it
+    cross_check: bool = True
+    cross_check_spacing_mm: float = 3.0
+    cross_check_min_dice: float = 0.85
     min_lung_volume_ml: float = 500.0  # less, both lungs together: "no-lungs-found"
     working_spacing_mm: float = 1.5  # in-plane blocks of about this size (labels upsampled)
     air_threshold_hu: float = -400.0  # lung parenchyma and airways are below
@@ -279,7 +290,8 @@ class Config:
         nor how the work is spread (threads, processes, providers)."""
         volume = dataclasses.replace(self.volume, decode_workers=0)
         lesions = dataclasses.replace(self.lesions, threads=0, providers=(), batch_slices=0)
-        return repr((self.selection, volume, self.lungs, lesions, self.report))
+        lungs = dataclasses.replace(self.lungs, threads=0, providers=())
+        return repr((self.selection, volume, lungs, lesions, self.report))
 
 
 @dataclass(frozen=True)
@@ -295,6 +307,10 @@ class TrainConfig:
     val_fraction: float = 0.12
     test_fraction: float = 0.25
     # preprocessing, written into model.yaml so inference reads the same values
+    # "hu-window": clip to hu_window and scale; "ma20": the recipe of
+    # pipeline/representation.py on the lung crop (spacing_mm and hu_window then unused)
+    input: str = "hu-window"
+    z_step_mm: float = 0.0  # "ma20": in a stack the model runs on slices this far apart
     spacing_mm: float = 1.5  # in-plane pixel size the model sees
     hu_window: tuple[float, float] = (-1100.0, 300.0)  # clipped, then scaled to 0..1
     margin_mm: float = 10.0  # around the lungs' bounding box at inference
@@ -311,11 +327,48 @@ class TrainConfig:
     weight_decay: float = 0.0001
     positive_fraction: float = 0.6  # patches centred on a lesion pixel
     annotated_2d_fraction: float = 0.5  # share of patches from annotated 2D slices
+    ma20_fraction: float = 0.0  # share of patches from ma20 slices (merged infection labels)
+    class_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # cross-entropy weight per class
     negative_slices_per_volume: int = 40  # lesion-free slices kept per volume case
     device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda"
     # CPU threads for torch; 0: all cores but one.  On a 2-core machine shared with other
     # jobs, 2 threads ran 5-8x slower than 1 (OpenMP threads waiting on a busy core).
     threads: int = 0
+
+
+@dataclass(frozen=True)
+class LungTrainConfig:
+    """Training of the 2D lung model (``configs/train_lungs.yaml``); see pipeline/train/lungs.py."""
+
+    ma20: str = "../shared/data/covid-lesions/ma20-lungs-infection"
+    # real HU series whose slices without lung (per the classical segmenter) are negatives
+    negatives_from: tuple[str, ...] = ("../shared/data/chest-ct/lidc-idri-0314",)
+    out: str = "work/train-lungs"
+    name: str = "ctscreen-lungs-unet2d"
+    version: str = "1.0.0"
+    seed: int = 0
+    test_groups: int = 2  # coronacases volumes held out for testing
+    val_groups: int = 1  # ... and for validation
+    size: int = 128  # the network's in-plane grid (the 256 recipe image, area-averaged)
+    z_step_mm: float = 2.5  # inference: the model runs on slices about this far apart
+    features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
+    batch_size: int = 16
+    epochs: int = 10
+    iterations_per_epoch: int = 100
+    learning_rate: float = 0.003
+    weight_decay: float = 0.0001
+    negative_fraction: float = 0.12  # share of samples drawn from the negatives
+    infection_weight: float = 3.0  # infected lung pixels weigh 1 + this in the cross-entropy
+    dense_fraction: float = 0.3  # share of ma20 samples given synthetic dense lung
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0: all cores
+
+
+def load_lung_train_config(path: str | Path | None = None) -> LungTrainConfig:
+    if path is None:
+        return LungTrainConfig()
+    p = Path(path)
+    return from_mapping(LungTrainConfig, _read_yaml(p), where=p.name)
 
 
 def load_train_config(path: str | Path | None = None) -> TrainConfig:

@@ -62,6 +62,11 @@ class ModelSpec:
     min_lesion_mm2: float
     min_lesion_ml: float
     raw: dict[str, Any]
+    # "hu-window": clip to hu_window, scale to 0..1 (the first lesion model); "ma20": the
+    # recipe of pipeline/representation.py (both learned models from 2.0 / 1.0 on)
+    input: str = "hu-window"
+    network_size: int = 0  # "ma20" lung model: the network's square grid
+    z_step_mm: float = 0.0  # lung model: it runs on slices about this far apart
 
     @property
     def onnx_path(self) -> Path:
@@ -106,16 +111,29 @@ def load_model_spec(path: str | Path) -> ModelSpec:
             task=str(raw.get("task", "lesions")),
             sha256=str(raw["sha256"]),
             labels=tuple(str(x) for x in raw["labels"]),
-            spacing_mm=float(pre["spacing_mm"]),
-            hu_window=(float(pre["hu_window"][0]), float(pre["hu_window"][1])),
+            spacing_mm=float(pre.get("spacing_mm", 0.0)),
+            hu_window=(float(pre.get("hu_window", (-1024, 3071))[0]),
+                       float(pre.get("hu_window", (-1024, 3071))[1])),
             pad_multiple=int(pre.get("pad_multiple", 16)),
             margin_mm=float(pre.get("margin_mm", 10.0)),
             min_lesion_mm2=float(post.get("min_lesion_mm2", 0.0)),
             min_lesion_ml=float(post.get("min_lesion_ml", 0.0)),
             raw=raw,
+            input=str(pre.get("input", "hu-window")),
+            network_size=int(pre.get("network_size", 0)),
+            z_step_mm=float(pre.get("z_step_mm", 0.0)),
         )
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ModelError(f"model spec {f}: missing or malformed entry {e!s}") from e
+    if spec.input not in ("hu-window", "ma20"):
+        raise ModelError(f"model spec {f}: preprocessing.input: expected 'hu-window' or 'ma20', "
+                         f"got {spec.input!r}")
+    if spec.task == "lungs":
+        if spec.input != "ma20" or spec.network_size < 16 or spec.z_step_mm <= 0:
+            raise ModelError(f"model spec {f}: a lungs model needs input 'ma20', a network_size "
+                             f"and a positive z_step_mm, got {spec.input!r}, "
+                             f"{spec.network_size}, {spec.z_step_mm}")
+        return spec
     if spec.hu_window[1] <= spec.hu_window[0] or spec.spacing_mm <= 0:
         raise ModelError(f"model spec {f}: expected a rising HU window and a positive spacing, "
                          f"got {spec.hu_window} and {spec.spacing_mm}")
@@ -236,9 +254,69 @@ def drop_small_2d(labels: npt.NDArray[np.uint8], min_pixels: float) -> npt.NDArr
     return out
 
 
+def _ma20_crop_probs(hu: npt.NDArray[Any], ks: list[int], box: tuple[slice, slice],
+                     spacing_rc: tuple[float, float], intensity: str, predictor: Predictor,
+                     spec: ModelSpec, batch: int) -> F32:
+    """Class probabilities (len(ks), C, h, w) of slices ``ks`` cropped to ``box``, on the
+    model's grid: the crop made into the ma20 recipe (:func:`crop_input`; an ``intensity``
+    "ma20" image already is one), padded with 0 to a multiple of ``pad_multiple``."""
+    from .representation import NOMINAL_FIELD_MM, SIZE, crop_input, resize2d
+
+    imgs = []
+    for k in ks:
+        crop = hu[k, box[0], box[1]]
+        if intensity == "ma20":
+            px = NOMINAL_FIELD_MM / SIZE
+            h = max(8, round(crop.shape[0] * spacing_rc[0] / px))
+            w = max(8, round(crop.shape[1] * spacing_rc[1] / px))
+            imgs.append(resize2d(np.asarray(crop, np.float32), (h, w)))
+        else:
+            imgs.append(crop_input(crop, spacing_rc)[0].astype(np.float32))
+    x = np.asarray(np.stack(imgs) / np.float32(255.0), dtype=np.float32)
+    h, w = x.shape[1:]
+    xp = _pad_to(x, spec.pad_multiple, 0.0)[:, None]
+    out = [softmax(predictor(np.ascontiguousarray(xp[i:i + batch])))[:, :, :h, :w]
+           for i in range(0, len(xp), batch)]
+    return np.concatenate(out)
+
+
+def _segment_ma20(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
+                  region: npt.NDArray[np.bool_], predictor: Predictor, spec: ModelSpec,
+                  batch: int, slice_mm: float | None, intensity: str,
+                  ks: slice, box: tuple[slice, slice]) -> npt.NDArray[np.uint8]:
+    """Arg-max labels of an "ma20"-input model on the crop ``box`` of slices ``ks``; in a
+    stack (``slice_mm``) the model runs on slices about ``z_step_mm`` apart and the
+    probabilities are interpolated linearly in between."""
+    import cv2
+
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    step = 1
+    if slice_mm and spec.z_step_mm > 0:
+        step = max(1, round(spec.z_step_mm / slice_mm))
+    run = sorted(set(range(ks.start, ks.stop, step)) | {ks.stop - 1})
+    probs = _ma20_crop_probs(hu, run, box, spacing_rc, intensity, predictor, spec, batch)
+    crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    pos = {k: i for i, k in enumerate(run)}
+    for k in range(ks.start, ks.stop):
+        if k in pos:
+            p = probs[pos[k]]
+        else:
+            j = int(np.searchsorted(run, k))
+            a, b = run[j - 1], run[j]
+            t = np.float32((k - a) / (b - a))
+            p = probs[j - 1] * (1 - t) + probs[j] * t
+        if not region[k].any():
+            continue
+        hwc = np.ascontiguousarray(np.moveaxis(p, 0, -1))
+        up = cv2.resize(hwc, (crop_shape[1], crop_shape[0]), interpolation=cv2.INTER_LINEAR)
+        out[k, box[0], box[1]] = np.argmax(up.reshape(*crop_shape, -1), axis=-1)
+    return out
+
+
 def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
                    region: npt.NDArray[np.bool_] | None, predictor: Predictor, spec: ModelSpec,
-                   batch: int = 16, slice_mm: float | None = None) -> npt.NDArray[np.uint8]:
+                   batch: int = 16, slice_mm: float | None = None,
+                   intensity: str = "hu") -> npt.NDArray[np.uint8]:
     """Labels (K, H, W) uint8 of a 2D slice model on axial slices ``hu`` (K, H, W) in HU.
 
     ``region`` (the lungs) limits where the model runs (its bounding box + ``margin_mm``) and
@@ -258,16 +336,22 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
     r0, r1 = max(0, rs.start - mr), min(hu.shape[1], rs.stop + mr)
     c0, c1 = max(0, cs.start - mc), min(hu.shape[2], cs.stop + mc)
     crop_shape = (r1 - r0, c1 - c0)
-    grid = model_grid(crop_shape, spacing_rc, spec.spacing_mm)
-    pad_value = float(normalise(np.array([-1000.0]), spec.hu_window)[0])
-    for k0 in range(ks.start, ks.stop, batch):
-        k1 = min(ks.stop, k0 + batch)
-        x = normalise(resize_slices(np.asarray(hu[k0:k1, r0:r1, c0:c1], np.float32), grid, 1),
-                      spec.hu_window)
-        xp = _pad_to(x, spec.pad_multiple, pad_value)[:, None]
-        logits = predictor(xp)[:, :, : grid[0], : grid[1]]
-        probs = resize_slices(softmax(logits), crop_shape, 1)
-        out[k0:k1, r0:r1, c0:c1] = np.argmax(probs, axis=1).astype(np.uint8)
+    if spec.input == "ma20":
+        out = _segment_ma20(hu, spacing_rc, region, predictor, spec, batch, slice_mm,
+                            intensity, ks, (slice(r0, r1), slice(c0, c1)))
+    else:
+        if intensity != "hu":
+            raise ModelError(f"model {spec.name} reads HU; this case holds {intensity} images")
+        grid = model_grid(crop_shape, spacing_rc, spec.spacing_mm)
+        pad_value = float(normalise(np.array([-1000.0]), spec.hu_window)[0])
+        for k0 in range(ks.start, ks.stop, batch):
+            k1 = min(ks.stop, k0 + batch)
+            x = normalise(resize_slices(np.asarray(hu[k0:k1, r0:r1, c0:c1], np.float32), grid,
+                                        1), spec.hu_window)
+            xp = _pad_to(x, spec.pad_multiple, pad_value)[:, None]
+            logits = predictor(xp)[:, :, : grid[0], : grid[1]]
+            probs = resize_slices(softmax(logits), crop_shape, 1)
+            out[k0:k1, r0:r1, c0:c1] = np.argmax(probs, axis=1).astype(np.uint8)
     out[~region] = 0
     min_px = spec.min_lesion_mm2 / (spacing_rc[0] * spacing_rc[1])
     out = drop_small_2d(out, min_px)
@@ -299,8 +383,20 @@ class OnnxLesionDetector:
                              f"grid {ct.shape}")
         t0 = time.perf_counter()
         sp = ct.spacing
-        labels = segment_slices(ct.array, (sp[1], sp[2]), lungs.mask(), self.predictor,
-                                self.spec, self.batch, slice_mm=sp[0])
+        if self.spec.input == "ma20":
+            # the recipe's slices are in the canonical in-plane orientation (rows anterior ->
+            # posterior, columns right -> left): turn there and back
+            from .representation import canonical_inplane, from_canonical, to_canonical
+
+            how = canonical_inplane(ct.direction)
+            rc = (sp[2], sp[1]) if how[0] else (sp[1], sp[2])
+            lab_c = segment_slices(to_canonical(ct.array, how), rc,
+                                   to_canonical(lungs.mask(), how), self.predictor, self.spec,
+                                   self.batch, slice_mm=sp[0])
+            labels = np.ascontiguousarray(from_canonical(lab_c, how))
+        else:
+            labels = segment_slices(ct.array, (sp[1], sp[2]), lungs.mask(), self.predictor,
+                                    self.spec, self.batch, slice_mm=sp[0])
         log.info("lesions: %s %s on %d slices in %.2f s", self.name, self.version, ct.shape[0],
                  time.perf_counter() - t0)
         return ct.with_array(labels)

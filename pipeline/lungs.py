@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -56,6 +56,9 @@ _FULL2D = ndi.generate_binary_structure(2, 2)  # 8-connectivity in a 2-D slice
 
 class LungSegmenter(Protocol):
     """Anything that turns a CT volume (HU) into left/right lung labels on the same grid."""
+
+    name: str
+    version: str
 
     def __call__(self, ct: Volume) -> LungMasks: ...
 
@@ -630,6 +633,7 @@ def lung_mask_warnings(masks: LungMasks, config: LungsConfig | None = None) -> t
     ml = {side: float(np.count_nonzero(labels.array == LUNG_LABELS[side]) * labels.voxel_volume_ml)
           for side in Side}
     out: list[str] = [f"lung-missing:{side}" for side in Side if ml[side] == 0.0]
+    out.extend(masks.warnings)
     small, large = sorted(Side, key=lambda s: ml[s])
     if ml[small] > 0.0 and ml[small] < cfg.qa_min_side_ratio * ml[large]:
         out.append(f"lung-asymmetry:{small}={ml[small] / ml[large]:.2f}")
@@ -639,11 +643,186 @@ def lung_mask_warnings(masks: LungMasks, config: LungsConfig | None = None) -> t
     return tuple(out)
 
 
+# --------------------------------------------------------------------------- learned
+
+
+class LearnedLungSegmenter:
+    """A 2D lung model served by ONNX Runtime (``lungs.method: model``).
+
+    1. The model's input is made from HU by the recipe its ``model.yaml`` names
+       (:mod:`pipeline.representation`: canonical in-plane orientation, 256 x 256, min-max,
+       CLAHE), on slices about ``z_step_mm`` apart (always the first and the last);
+    2. lung probabilities on the network's grid are interpolated linearly between those
+       slices; voxels >= 0.5 are lung; 3-D pieces under ``min_component_ml`` are dropped;
+    3. right and left are decided by patient geometry: each piece by its LPS x against the
+       body's midline (left = larger x); a piece that straddles the midline (lungs joined at
+       the junction lines) is split by the classical method's erosion split;
+    4. the labels are brought to the CT grid (bilinear probabilities per side).
+
+    Less than ``min_lung_volume_ml`` of lung: ``NotAnalysable("no-lungs-found")``.  Where
+    ``cross_check`` is on, the classical segmenter runs too (at ``cross_check_spacing_mm``)
+    and a Dice under ``cross_check_min_dice`` adds the warning
+    ``lung-methods-disagree:dice=<d>`` (``classical=none`` where it found no lungs).
+    """
+
+    def __init__(self, config: LungsConfig) -> None:
+        from .inference import OnnxPredictor, load_model_spec
+
+        self.config = config
+        self.spec = load_model_spec(config.model)
+        if self.spec.task != "lungs" or len(self.spec.labels) != 2:
+            raise ConfigError(f"lungs.model {config.model}: expected a 2-label lungs model, got "
+                              f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
+        self.predictor = OnnxPredictor(self.spec, config.threads, config.providers)
+        self.name = self.spec.name
+        self.version = self.spec.version
+        self.cross = (ClassicalLungSegmenter(replace(
+            config, working_spacing_mm=config.cross_check_spacing_mm, qa_min_total_ml=0.0,
+            min_lung_volume_ml=0.0)) if config.cross_check else None)
+
+    @property
+    def method(self) -> str:
+        return f"{self.name} {self.version}"
+
+    def probabilities(self, ct: Volume) -> tuple[npt.NDArray[np.float32],
+                                                 tuple[bool, bool, bool]]:
+        """Lung probability (K, S, S) on the network's canonical square grid, every slice."""
+        from .representation import canonical_inplane, ma20_input, to_canonical
+        from .train.lungs import predict_prob
+
+        how = canonical_inplane(ct.direction)
+        n = ct.shape[0]
+        step = max(1, round(self.spec.z_step_mm / max(ct.spacing[0], 1e-3)))
+        ks = sorted(set(range(0, n, step)) | {n - 1})
+        size = self.spec.network_size
+        x = ma20_input(to_canonical(ct.array[ks], how))
+        p = predict_prob(self.predictor, x, size, self.config.threads * 8 or 16)
+        out = np.empty((n, size, size), dtype=np.float32)
+        for a, b, pa, pb in zip(ks[:-1], ks[1:], p[:-1], p[1:], strict=True):
+            t = (np.arange(a, b, dtype=np.float32) - a) / (b - a)
+            out[a:b] = pa[None] * (1 - t)[:, None, None] + pb[None] * t[:, None, None]
+        out[ks[-1]] = p[-1]
+        return out, how
+
+    def segment_recipe(self, images: npt.NDArray[np.uint8]) -> BoolArray:
+        """Lung masks (K, 256, 256) of images already made by the recipe (the ma20 layout:
+        full-field slices, no HU, not a contiguous stack): the network's probability per
+        slice, upsampled bilinearly, >= 0.5; no 3-D clean-up and no left/right (slices of
+        unknown spacing and order)."""
+        from .representation import SIZE, resize2d
+        from .train.lungs import predict_prob
+
+        p = predict_prob(self.predictor, images, self.spec.network_size)
+        return np.asarray(resize2d(p, (SIZE, SIZE)) >= 0.5)
+
+    def __call__(self, ct: Volume) -> LungMasks:
+        from .representation import (
+            from_canonical,
+            low_grid_to_index,
+            square_to_slice,
+            to_canonical,
+        )
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        prob, how = self.probabilities(ct)
+        size = prob.shape[1]
+        m = low_grid_to_index(ct.shape[1:], how, size)
+        aff = ct.affine @ m
+        grid = _Grid(aff, tuple(float(v) for v in np.linalg.norm(aff[:3, :3], axis=0)),  # type: ignore[arg-type]
+                     float(abs(np.linalg.det(aff[:3, :3])) / 1000.0))
+        low = _sides(prob >= 0.5, ct, grid, cfg)
+        # to the CT grid: per side, the probability where that side's pieces are (one
+        # network pixel wider), upsampled bilinearly, >= 0.5
+        near = ndi.grey_dilation(low, size=(1, 3, 3))
+        low = np.where(low > 0, low, near)
+        shape_c = to_canonical(np.empty(ct.shape[1:], dtype=bool), how).shape
+        full_c = np.zeros((ct.shape[0], *shape_c), dtype=np.uint8)
+        for k in range(ct.shape[0]):
+            if not low[k].any():
+                continue
+            for side in Side:
+                v = LUNG_LABELS[side]
+                sel = low[k] == v
+                if not sel.any():
+                    continue
+                p = square_to_slice(np.where(sel, prob[k], 0.0).astype(np.float32), shape_c)
+                full_c[k][p >= 0.5] = v
+        full = np.ascontiguousarray(from_canonical(full_c, how))
+        total_ml = float(np.count_nonzero(full) * ct.voxel_volume_ml)
+        if total_ml < cfg.min_lung_volume_ml:
+            raise NotAnalysable(
+                "no-lungs-found",
+                f"expected at least {cfg.min_lung_volume_ml:.0f} ml of lung, got {total_ml:.0f} ml",
+            )
+        masks = LungMasks(labels=ct.with_array(full), method=self.method)
+        t1 = time.perf_counter()
+        warnings = self._cross_check(ct, masks)
+        log.info("lungs: %.0f ml (right %.0f, left %.0f) by %s in %.2f s (cross-check %.2f s)",
+                 total_ml,
+                 np.count_nonzero(full == LUNG_LABELS[Side.RIGHT]) * ct.voxel_volume_ml,
+                 np.count_nonzero(full == LUNG_LABELS[Side.LEFT]) * ct.voxel_volume_ml,
+                 self.method, t1 - t0, time.perf_counter() - t1)
+        return replace(masks, warnings=warnings)
+
+    def _cross_check(self, ct: Volume, masks: LungMasks) -> tuple[str, ...]:
+        if self.cross is None:
+            return ()
+        other = self.cross(ct).mask()
+        if not other.any():
+            return ("lung-methods-disagree:classical=none",)
+        ours = masks.mask()
+        sub = (slice(None), slice(None, None, 2), slice(None, None, 2))
+        a, b = ours[sub], other[sub]
+        n = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+        d = 2.0 * int(np.count_nonzero(a & b)) / max(1, n)
+        if d < self.config.cross_check_min_dice:
+            log.warning("lungs: the classical cross-check disagrees (Dice %.2f)", d)
+            return (f"lung-methods-disagree:dice={d:.2f}",)
+        return ()
+
+
+def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig) -> npt.NDArray[np.uint8]:
+    """Lung pieces of a mask on ``grid`` -> LUNG_LABELS by patient geometry (see
+    :class:`LearnedLungSegmenter`)."""
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return out
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    keep = [i for i in np.argsort(sizes)[::-1] if sizes[i] * grid.voxel_ml >= cfg.min_component_ml]
+    if not keep:
+        return out
+    mid_x = _body_midline_x(ct)
+    for i in keep:
+        piece = lab == i
+        parts = _split(piece, grid) if _straddles(piece, grid, mid_x) else [piece]
+        for part in parts:
+            side = Side.LEFT if _centroid_x(part, grid) > mid_x else Side.RIGHT
+            out[part & (out == 0)] = LUNG_LABELS[side]
+    return out
+
+
+def _body_midline_x(ct: Volume) -> float:
+    """LPS x of the centroid of the body (HU above -500, sampled every 4th voxel in-plane
+    and every 4th slice)."""
+    sub = ct.array[::4, ::4, ::4]
+    idx = np.nonzero(sub > -500)
+    if idx[0].size == 0:
+        return float(ct.index_to_lps([[0.0, ct.shape[1] / 2, ct.shape[2] / 2]])[0, 0])
+    pts = np.stack(idx, axis=1).astype(np.float64) * 4.0
+    return float(ct.index_to_lps(pts.mean(axis=0))[0, 0])
+
+
 def segmenter_for(config: LungsConfig) -> LungSegmenter:
     """The segmenter named by ``config.method``."""
     if config.method == "classical":
         return ClassicalLungSegmenter(config)
-    raise ConfigError(f"lungs.method: expected one of ['classical'], got {config.method!r}")
+    if config.method == "model":
+        return LearnedLungSegmenter(config)
+    raise ConfigError(f"lungs.method: expected one of ['classical', 'model'], "
+                      f"got {config.method!r}")
 
 
 def segment_lungs(ct: Volume, config: LungsConfig | None = None) -> LungMasks:

@@ -45,7 +45,9 @@ class Stages:
 
     @property
     def algorithm_version(self) -> str:
-        return f"{__version__}+{self.lesions.name}-{self.lesions.version}"
+        """The package version with each stage's method and version (lungs, lesions)."""
+        return (f"{__version__}+{self.lungs.name}-{self.lungs.version}"
+                f"+{self.lesions.name}-{self.lesions.version}")
 
     @classmethod
     def load(cls, config: Config) -> Stages:

@@ -5,6 +5,7 @@ A dataset is a folder with ``manifest.json`` (one record per case, plus import f
 
 - ``hu``: int16 (K, H, W), Hounsfield units (approximate for 8-bit sources, see intensity.py);
 - ``label``: uint8 (K, H, W), 0 background, 1 ground-glass opacity, 2 consolidation,
+  3 lesion of unknown kind (a merged infection mask: scored as lesion, not per kind),
   255 ignore (neither trained on nor scored);
 - ``region``: uint8 (K, H, W), the lung region both detectors are restricted to at evaluation.
 
@@ -25,6 +26,12 @@ Layouts read by :func:`import_into` / :func:`open_dataset`:
     ground glass or consolidation).  The site folder name is kept for stratified splits.  The
     lung region is the pipeline's classical lung mask; slices without lung are dropped.
 (c) ``synthetic``: see :mod:`pipeline.train.synthetic`.
+(d) ``ma20``: ``ct/NNNN.png``, ``lungs/NNNN.png``, ``infection/NNNN.png`` and ``volumes.csv``
+    (first, last, volume, group): full-field 256 x 256 slices already made by the recipe of
+    :mod:`pipeline.representation` (``intensity`` "ma20": no HU).  One case per volume
+    (group); ``label`` is 3 where infected (ground glass and consolidation merged), the
+    stored ``region`` is the annotated lung mask (the truth of the lung task).  The pixel
+    size is the recipe's nominal one (360 mm / 256): the true field of view is unknown.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ASSUMED_WIDTH_MM = 300.0
 IGNORE = 255
+LESION_ANY = 3  # a lesion of unknown kind
 U8 = npt.NDArray[np.uint8]
 
 
@@ -74,6 +82,10 @@ class CaseRecord:
     lesion_px: tuple[int, int]  # GGO, consolidation pixels
     fixed_split: str = ""  # "", "train" or "test": set by the importer where it must be
     note: str = ""
+    # "hu": ``hu`` holds Hounsfield units (approximate for 8-bit sources); "ma20": it holds
+    # the uint8 recipe image of pipeline/representation.py (no HU exist)
+    intensity: str = "hu"
+    fov: str = "lung-crop"  # "full": the whole field of view; "lung-crop": cut to the lungs
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> CaseRecord:
@@ -109,12 +121,14 @@ def fingerprint(hu: npt.NDArray[np.int16]) -> str:
 def save_case(root: Path, *, id: str, site: str, source: str, group: str,
               hu: npt.NDArray[Any], label: U8, region: npt.NDArray[np.bool_],
               spacing_rc: tuple[float, float], slice_mm: float, fixed_split: str = "",
-              note: str = "") -> CaseRecord:
+              note: str = "", intensity: str = "hu", fov: str = "lung-crop") -> CaseRecord:
     """Write one case's arrays and return its record."""
     if not (hu.shape == label.shape == region.shape) or hu.ndim != 3:
         raise DatasetError(f"case {id}: expected image, label and region of one (K, H, W) "
                            f"shape, got {hu.shape}, {label.shape}, {region.shape}")
     hu16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    if intensity not in ("hu", "ma20") or fov not in ("full", "lung-crop"):
+        raise DatasetError(f"case {id}: unknown intensity {intensity!r} or fov {fov!r}")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", id)
     rel = f"cases/{safe}.npz"
     (root / "cases").mkdir(parents=True, exist_ok=True)
@@ -126,7 +140,7 @@ def save_case(root: Path, *, id: str, site: str, source: str, group: str,
                       slice_mm=float(slice_mm), fingerprint=fingerprint(hu16),
                       lesion_px=(int(np.count_nonzero(label == 1)),
                                  int(np.count_nonzero(label == 2))),
-                      fixed_split=fixed_split, note=note)
+                      fixed_split=fixed_split, note=note, intensity=intensity, fov=fov)
 
 
 def write_manifest(root: Path, records: list[CaseRecord], info: dict[str, Any]) -> None:
@@ -155,10 +169,13 @@ def detect_layout(path: Path) -> str:
         return "dataset"
     if (path / "Imgs").is_dir() and (path / "GT").is_dir():
         return "semiseg"
+    if (path / "ct").is_dir() and (path / "lungs").is_dir() and (path / "volumes.csv").is_file():
+        return "ma20"
     if any(_case_image(c) is not None for s in _dirs(path) for c in _dirs(s)):
         return "volumes"
     raise DatasetError(f"{path}: expected a dataset (manifest.json), a semiseg folder "
-                       f"(Imgs/ + GT/) or volumes (SITE/CASE/image.nii.gz|image/ + label)")
+                       f"(Imgs/ + GT/), an ma20 folder (ct/ + lungs/ + infection/ + "
+                       f"volumes.csv) or volumes (SITE/CASE/image.nii.gz|image/ + label)")
 
 
 def open_dataset(path: str | Path, workdir: Path) -> Dataset:
@@ -168,12 +185,14 @@ def open_dataset(path: str | Path, workdir: Path) -> Dataset:
     if layout == "dataset":
         return read_dataset(p)
     return import_into(workdir, semiseg=[p] if layout == "semiseg" else [],
-                       volumes=[p] if layout == "volumes" else [])
+                       volumes=[p] if layout == "volumes" else [],
+                       ma20=[p] if layout == "ma20" else [])
 
 
 def import_into(out: Path, semiseg: Iterable[Path] = (), volumes: Iterable[Path] = (),
                 synthetic_from: Path | None = None, synthetic_cases: int = 0,
-                seed: int = 0) -> Dataset:
+                seed: int = 0, ma20: Iterable[Path] = (),
+                ma20_fixed_splits: bool = False) -> Dataset:
     """Import every given source into a new dataset folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     records: list[CaseRecord] = []
@@ -187,6 +206,11 @@ def import_into(out: Path, semiseg: Iterable[Path] = (), volumes: Iterable[Path]
         info["sources"].append({"layout": "semiseg", "path": str(src), "cases": len(recs),
                                 "intensity_to_hu": "HU = -850 + (I - 44.5) * 890 / 170.5",
                                 "anchors_median": stats["anchors_median"]})
+    for src in ma20:
+        recs = import_ma20(Path(src), out, fixed_splits=ma20_fixed_splits)
+        records += recs
+        info["sources"].append({"layout": "ma20", "path": str(src), "cases": len(recs),
+                                "intensity": "ma20 recipe (pipeline/representation.py)"})
     for src in volumes:
         recs = import_volumes(Path(src), out)
         records += recs
@@ -336,6 +360,42 @@ def import_semiseg(src: Path, out: Path, site: str = "medseg") -> tuple[list[Cas
     log.info("semiseg %s: %d slices in %d proxy groups; anchor medians %s", src, len(records),
              len({r.group for r in records}), stats["anchors_median"])
     return records, stats
+
+
+# --------------------------------------------------------------------------- (d) ma20
+
+
+def import_ma20(src: Path, out: Path, site: str = "ma20",
+                fixed_splits: bool = False) -> list[CaseRecord]:
+    """Layout (d): one case per volume group (see the module docstring).  With
+    ``fixed_splits`` each volume keeps the split the lung model gave its patient
+    (:func:`pipeline.train.lungs.split_groups` with the default seed), so that neither model
+    is tested on a patient the other trained on."""
+    from ..config import LungTrainConfig
+    from ..representation import NOMINAL_FIELD_MM, SIZE
+    from .lungs import read_ma20, split_groups
+
+    try:
+        img, lung, inf, groups = read_ma20(src)
+    except (OSError, KeyError, ValueError) as e:
+        raise DatasetError(f"{src}: expected the ma20 layout (ct/, lungs/, infection/ "
+                           f"NNNN.png and volumes.csv), got {e}") from e
+    px = NOMINAL_FIELD_MM / SIZE
+    g = np.array(groups)
+    fixed = {grp: split for split, gs in split_groups(groups, LungTrainConfig()).items()
+             for grp in gs} if fixed_splits else {}
+    records = []
+    for name in sorted(set(groups)):
+        sel = np.nonzero(g == name)[0]
+        label = np.where(inf[sel] > 0, LESION_ANY, 0).astype(np.uint8)
+        records.append(save_case(
+            out, id=f"{site}-{name}", site=site, source="ma20", group=f"{site}-{name}",
+            hu=img[sel].astype(np.int16), label=label, region=lung[sel] > 0,
+            spacing_rc=(px, px), slice_mm=0.0, intensity="ma20", fov="full",
+            fixed_split=fixed.get(name, ""),
+            note="8-bit recipe image (no HU); slices not contiguous; pixel size nominal"))
+    log.info("ma20 %s: %d slices in %d volumes", src, len(img), len(records))
+    return records
 
 
 # --------------------------------------------------------------------------- (b) volumes

@@ -33,6 +33,12 @@ def _real_inputs(cfg: TrainConfig, ids: list[str], n: int = 4) -> np.ndarray:
     for cid in ids[:n]:
         case = ds.load(by_id[cid])
         k = int(np.argmax(np.isin(case.label, (1, 2)).sum(axis=(1, 2))))
+        if cfg.input == "ma20":
+            from .loop import ma20_slice
+
+            x01, _ = ma20_slice(case.hu[k], case.label[k], case.record)
+            xs.append(resize_slices(x01[None], (128, 128), 1))
+            continue
         grid = model_grid(case.hu.shape[1:], case.record.spacing_rc, cfg.spacing_mm)
         x = normalise(resize_slices(case.hu[k:k + 1].astype(np.float32), (128, 128), 1),
                       (cfg.hu_window[0], cfg.hu_window[1]))
@@ -93,6 +99,13 @@ def export_model(run: Path, out: Path, reports: dict[str, Path] | None = None,
                     "features": list(cfg.features),
                     "parameters": int(sum(p.numel() for p in net.parameters()))},
         "preprocessing": {
+            "input": cfg.input,
+            **({"recipe": "per slice, the lung crop (bounding box + margin_mm) in the "
+                          "canonical in-plane orientation, resampled to the nominal pixel "
+                          "(360/256 mm), min-max, uint8(x*255), OpenCV CLAHE clip 7 with "
+                          "tiles of 32 nominal pixels (pipeline/representation.py, "
+                          "crop_input); / 255; padded with 0",
+                "z_step_mm": cfg.z_step_mm} if cfg.input == "ma20" else {}),
             "slices": "axial, each slice on its own (2D)",
             "crop": "bounding box of the lung mask + margin_mm",
             "spacing_mm": spec.spacing_mm,

@@ -32,7 +32,8 @@ from scipy import ndimage as ndi
 
 from ..config import TrainConfig
 from ..inference import ModelSpec, model_grid, normalise, resize_slices, segment_slices
-from .dataset import IGNORE, CaseRecord, Dataset, read_dataset
+from ..representation import NOMINAL_FIELD_MM, SIZE, crop_input, resize2d
+from .dataset import IGNORE, LESION_ANY, CaseRecord, Dataset, read_dataset
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def spec_from_config(cfg: TrainConfig, folder: Path | None = None) -> ModelSpec:
                      task="lesions", sha256="", labels=LABELS, spacing_mm=cfg.spacing_mm,
                      hu_window=(cfg.hu_window[0], cfg.hu_window[1]), pad_multiple=16,
                      margin_mm=cfg.margin_mm, min_lesion_mm2=cfg.min_lesion_mm2,
-                     min_lesion_ml=cfg.min_lesion_ml, raw={})
+                     min_lesion_ml=cfg.min_lesion_ml, raw={}, input=cfg.input,
+                     z_step_mm=cfg.z_step_mm)
 
 
 def split_cases(records: list[CaseRecord], cfg: TrainConfig) -> dict[str, list[str]]:
@@ -93,12 +95,32 @@ def prepare_slices(ds: Dataset, ids: list[str], cfg: TrainConfig, rng: np.random
         neg = list(np.nonzero(~has)[0])
         if not all_slices and len(neg) > cfg.negative_slices_per_volume:
             neg = list(rng.choice(neg, cfg.negative_slices_per_volume, replace=False))
+        if cfg.input == "ma20":
+            for k in sorted(ks + neg):
+                out.append(ma20_slice(case.hu[k, r0:r1, c0:c1], case.label[k, r0:r1, c0:c1],
+                                      rec))
+            continue
         grid = model_grid((r1 - r0, c1 - c0), rec.spacing_rc, cfg.spacing_mm)
         for k in sorted(ks + neg):
             hu = resize_slices(case.hu[k:k + 1, r0:r1, c0:c1].astype(np.float32), grid, 1)[0]
             lab = resize_slices(case.label[k:k + 1, r0:r1, c0:c1], grid, 0)[0]
             out.append((hu.astype(np.float32), lab.astype(np.uint8)))
     return out
+
+
+def ma20_slice(crop: npt.NDArray[Any], label: npt.NDArray[np.uint8],
+               rec: CaseRecord) -> Slice:
+    """One cropped slice -> (recipe image in 0..1 at the nominal pixel size, its labels),
+    as :func:`pipeline.inference.segment_slices` makes it for an "ma20" model."""
+    if rec.intensity == "ma20":
+        px = NOMINAL_FIELD_MM / SIZE
+        shape = (max(8, round(crop.shape[0] * rec.spacing_rc[0] / px)),
+                 max(8, round(crop.shape[1] * rec.spacing_rc[1] / px)))
+        x = resize2d(np.asarray(crop, np.float32), shape)
+    else:
+        x = crop_input(crop, rec.spacing_rc)[0].astype(np.float32)
+    lab = resize2d(np.ascontiguousarray(label), x.shape, linear=False)
+    return np.asarray(x / 255.0, np.float32), np.asarray(lab, np.uint8)
 
 
 class PatchSampler:
@@ -117,7 +139,7 @@ class PatchSampler:
         pool = self.pools[int(rng.choice(len(self.pools), p=self.weights))][0]
         hu, lab = pool[int(rng.integers(len(pool)))]
         size = max(16, round(cfg.patch * rng.uniform(0.8, 1.25)))
-        les = np.argwhere((lab == 1) | (lab == 2))
+        les = np.argwhere((lab == 1) | (lab == 2) | (lab == LESION_ANY))
         if len(les) and rng.random() < cfg.positive_fraction:
             cr, cc = les[int(rng.integers(len(les)))]
         else:
@@ -125,7 +147,8 @@ class PatchSampler:
         r0, c0 = int(cr) - size // 2, int(cc) - size // 2
         ph = max(0, -r0), max(0, r0 + size - hu.shape[0])
         pw = max(0, -c0), max(0, c0 + size - hu.shape[1])
-        hp = np.pad(hu, (ph, pw), constant_values=-1000.0)
+        ma20 = cfg.input == "ma20"
+        hp = np.pad(hu, (ph, pw), constant_values=0.0 if ma20 else -1000.0)
         lp = np.pad(lab, (ph, pw), constant_values=0)
         r0, c0 = r0 + ph[0], c0 + pw[0]
         h = hp[r0:r0 + size, c0:c0 + size]
@@ -133,6 +156,16 @@ class PatchSampler:
         h = resize_slices(h[None], (cfg.patch, cfg.patch), 1)[0]
         lb = resize_slices(lb[None], (cfg.patch, cfg.patch), 0)[0]
         k = int(rng.integers(4))
+        if ma20:  # the recipe's orientation is canonical: left-right mirror only
+            if rng.random() < 0.5:
+                h, lb = h[:, ::-1], lb[:, ::-1]
+            x = np.clip(h, 0, 1) ** rng.uniform(0.75, 1.35)
+            x = 0.5 + (x - 0.5) * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+            if rng.random() < 0.2:
+                x = ndi.gaussian_filter(x, rng.uniform(0.3, 1.0))
+            x = x + rng.standard_normal(x.shape) * rng.uniform(0, 0.03)
+            return (np.ascontiguousarray(np.clip(x, 0, 1), np.float32),
+                    np.ascontiguousarray(lb, np.uint8))
         h, lb = np.rot90(h, k), np.rot90(lb, k)
         if rng.random() < 0.5:
             h, lb = h[:, ::-1], lb[:, ::-1]
@@ -170,9 +203,16 @@ def torch_predictor(net: Any, device: Any) -> Any:
 def dice_of(pred: npt.NDArray[np.uint8], gt: npt.NDArray[np.uint8]) -> dict[str, float]:
     valid = gt != IGNORE
     out = {}
+    known = valid & (gt != LESION_ANY)
     for name, vals in (("lesion", (1, 2)), ("ggo", (1,)), ("consolidation", (2,))):
-        p = np.isin(pred, vals) & valid
-        g = np.isin(gt, vals)
+        if name != "lesion":  # kinds are scored where the kind is known
+            p = np.isin(pred, vals) & known
+            g = np.isin(gt, vals)
+            s = int(p.sum() + g.sum())
+            out[name] = 2.0 * int((p & g).sum()) / s if s else 1.0
+            continue
+        p = np.isin(pred, (1, 2)) & valid
+        g = np.isin(gt, (1, 2, LESION_ANY))
         s = int(p.sum() + g.sum())
         out[name] = 2.0 * int((p & g).sum()) / s if s else 1.0
     return out
@@ -201,14 +241,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     rng = np.random.default_rng(cfg.seed)
     by_id = {r.id: r for r in ds.records}
     train_2d = [i for i in splits["train"] if by_id[i].n_slices == 1]
-    train_3d = [i for i in splits["train"] if by_id[i].n_slices > 1]
+    train_ma20 = [i for i in splits["train"] if by_id[i].source == "ma20"]
+    train_3d = [i for i in splits["train"] if by_id[i].n_slices > 1 and i not in train_ma20]
     pool_2d = prepare_slices(ds, train_2d, cfg, rng)
     pool_3d = prepare_slices(ds, train_3d, cfg, rng)
+    pool_ma20 = prepare_slices(ds, train_ma20, cfg, rng, all_slices=True)
     val = prepare_val(ds, splits["val"])
-    log.info("training slices: %d annotated 2D, %d from volumes; %d validation cases",
-             len(pool_2d), len(pool_3d), len(val))
+    log.info("training slices: %d annotated 2D, %d from volumes, %d ma20; %d validation cases",
+             len(pool_2d), len(pool_3d), len(pool_ma20), len(val))
     sampler = PatchSampler([(pool_2d, cfg.annotated_2d_fraction),
-                            (pool_3d, 1.0 - cfg.annotated_2d_fraction)], cfg, rng)
+                            (pool_ma20, cfg.ma20_fraction),
+                            (pool_3d, 1.0 - cfg.annotated_2d_fraction - cfg.ma20_fraction)],
+                           cfg, rng)
     net = build_network(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate,
                             weight_decay=cfg.weight_decay)
@@ -216,6 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total,
                                                 pct_start=0.1)
     dice_loss = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True)
+    weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
     history: list[dict[str, Any]] = []
     start, best = 0, -1.0
     last = run / "last.pt"
@@ -241,10 +286,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             x = torch.from_numpy(xb).to(device)
             y = torch.from_numpy(yb.astype(np.int64)).to(device)
             logits = net(x)
-            valid = (y != IGNORE).unsqueeze(1).float()
-            y0 = torch.where(y == IGNORE, torch.zeros_like(y), y).unsqueeze(1)
-            loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE) \
-                + dice_loss(logits, y0, mask=valid)
+            loss = lesion_loss(logits, y, dice_loss, weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -279,6 +321,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return run
 
 
+def lesion_loss(logits: Any, y: Any, dice_loss: Any, weights: Any) -> Any:
+    """Cross-entropy (per-class weights) + masked Dice over GGO and consolidation, where
+    labels 3 (a lesion of unknown kind) count as "GGO or consolidation": their
+    cross-entropy is -log(p_ggo + p_consolidation), their Dice is that of lesions as a
+    whole; 255 is ignored."""
+    import torch
+
+    logp = torch.log_softmax(logits, dim=1)
+    known = (y != IGNORE) & (y != LESION_ANY)
+    any_ = y == LESION_ANY
+    yk = torch.where(known, y, torch.zeros_like(y))
+    nll = -logp.gather(1, yk.unsqueeze(1)).squeeze(1) * weights[yk]
+    les = -torch.logsumexp(logp[:, 1:], dim=1)
+    n = known.sum() + any_.sum()
+    ce = ((nll * known).sum() + (les * any_).sum()) / n.clamp(min=1)
+    loss = ce + dice_loss(logits, yk.unsqueeze(1), mask=known.unsqueeze(1).float())
+    p = torch.softmax(logits, dim=1)
+    lesion_p = p[:, 1] + p[:, 2]
+    lesion_t = ((y == 1) | (y == 2) | any_).float()
+    valid = (y != IGNORE).float()
+    inter = (lesion_p * lesion_t * valid).sum()
+    den = ((lesion_p + lesion_t) * valid).sum()
+    return loss + 1.0 - (2.0 * inter + 1e-5) / (den + 1e-5)
+
+
 def prepare_val(ds: Dataset, ids: list[str]) -> list[Any]:
     by_id = {r.id: r for r in ds.records}
     return [ds.load(by_id[i]) for i in ids]
@@ -289,7 +356,8 @@ def validate(net: Any, device: Any, cases: list[Any], spec: ModelSpec) -> dict[s
     pred_all, gt_all = [], []
     predictor = torch_predictor(net, device)
     for case in cases:
-        pred = segment_slices(case.hu, case.record.spacing_rc, case.region, predictor, spec)
+        pred = segment_slices(case.hu, case.record.spacing_rc, case.region, predictor, spec,
+                              intensity=case.record.intensity)
         pred_all.append(pred.ravel())
         gt_all.append(case.label.ravel())
     if not cases:

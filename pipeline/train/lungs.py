@@ -1,0 +1,478 @@
+"""The learned lung segmenter: training data, training (MONAI, seeded, resumable) and export.
+
+Data (``ctscreen train --task lungs``; keys in :class:`~pipeline.config.LungTrainConfig`):
+
+- ``ma20`` (``../shared/data/covid-lesions/ma20-lungs-infection``): 256 x 256 slices already
+  made by the recipe of :mod:`pipeline.representation`, with lung masks that include the
+  diseased lung.  Split by patient: each ``coronacases-NN`` volume is one group, the
+  Radiopaedia slices (several volumes whose boundaries are unknown) one more; ``test_groups``
+  coronacases volumes are held out for testing and ``val_groups`` for validation, chosen by
+  the seed; the rest (and Radiopaedia) train.
+- negatives: slices without lung from real HU series (``negatives_from``; by default
+  LIDC-IDRI-0314's upper abdomen, the slices where the classical segmenter finds no lung),
+  made into the network's input by the same recipe, with an empty mask.  Without them a
+  model marks bowel and kidneys on abdominal slices.
+
+The network (MONAI BasicUNet 2D, 2 classes) sees the 256 image shrunk to ``size`` (area
+averaging); a share ``dense_fraction`` of the ma20 samples gets synthetic dense lung
+(:func:`paint_dense`: part of a lung filled with the slice's soft-tissue level, still lung);
+augmentation: scale 0.8-1.25, rotation +-12 degrees, shift +-8%, left-right
+mirror, gamma 0.7-1.4, contrast +-15%, noise, occasional blur.  Loss: cross-entropy, where
+infected lung (the ma20 infection masks) weighs ``1 + infection_weight`` (dense lung is what a
+threshold method loses and what must stay inside), + Dice.
+Each epoch ends with the validation Dice (pooled, at 256 x 256); ``last.pt`` is written every
+epoch (model, optimiser, schedule, RNG: ``--resume`` continues), ``best.pt`` when the
+validation Dice improves.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import LungTrainConfig, from_mapping
+from ..representation import SIZE, canonical_inplane, ma20_input, resize2d, to_canonical
+
+log = logging.getLogger(__name__)
+
+LABELS = ("background", "lung")
+U8 = npt.NDArray[np.uint8]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_ma20(root: Path) -> tuple[U8, U8, U8, list[str]]:
+    """(images, lung masks, infection masks) as (N, 256, 256) uint8 (masks 0/1) and the
+    group (patient) of each slice, from a folder in the ma20 layout."""
+    from PIL import Image
+
+    rows = list(csv.DictReader((root / "volumes.csv").open(encoding="utf-8")))
+    imgs, lungs, inf, groups = [], [], [], []
+    for row in rows:
+        for i in range(int(row["first"]), int(row["last"]) + 1):
+            name = f"{i:04d}.png"
+            if not (root / "ct" / name).is_file():
+                continue
+            imgs.append(np.asarray(Image.open(root / "ct" / name).convert("L"), np.uint8))
+            lungs.append(np.asarray(Image.open(root / "lungs" / name).convert("L")) > 127)
+            p = root / "infection" / name
+            inf.append(np.asarray(Image.open(p).convert("L")) > 127 if p.is_file()
+                       else np.zeros(imgs[-1].shape, bool))
+            groups.append(row.get("group") or row["volume"])
+    return (np.stack(imgs), np.stack(lungs).astype(np.uint8), np.stack(inf).astype(np.uint8),
+            groups)
+
+
+def negative_slices(folder: Path) -> U8:
+    """Slices of a real HU series where the classical segmenter finds no lung, as network
+    input (the ma20 recipe); none where the series has none."""
+    from ..config import LungsConfig
+    from ..lungs import ClassicalLungSegmenter
+    from .dataset import read_dicom_series
+
+    ct, _ = read_dicom_series(folder)
+    labels = ClassicalLungSegmenter(LungsConfig())(ct).labels.array
+    empty = np.nonzero(~(labels > 0).any(axis=(1, 2)))[0]
+    if empty.size == 0:
+        return np.zeros((0, SIZE, SIZE), np.uint8)
+    how = canonical_inplane(ct.direction)
+    return ma20_input(to_canonical(ct.array[empty], how))
+
+
+def split_groups(groups: list[str], cfg: LungTrainConfig) -> dict[str, list[str]]:
+    """Patient groups per split: coronacases volumes drawn by the seed for test and
+    validation; everything else trains."""
+    rng = np.random.default_rng(cfg.seed)
+    named = sorted({g for g in groups if g.startswith("coronacases")})
+    rng.shuffle(named)
+    test = sorted(named[: cfg.test_groups])
+    val = sorted(named[cfg.test_groups: cfg.test_groups + cfg.val_groups])
+    train = sorted(set(groups) - set(test) - set(val))
+    return {"train": train, "val": val, "test": test}
+
+
+def load_training_data(cfg: LungTrainConfig, cache: Path) -> dict[str, Any]:
+    """All arrays, cached as one npz in the run folder (rebuilt when absent)."""
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    img, lung, inf, groups = read_ma20(Path(cfg.ma20))
+    negs = [negative_slices(Path(p)) for p in cfg.negatives_from]
+    neg = np.concatenate(negs) if negs else np.zeros((0, SIZE, SIZE), np.uint8)
+    data = {"img": img, "lung": lung, "inf": inf, "groups": np.array(groups), "neg": neg}
+    np.savez_compressed(cache, img=img, lung=lung, inf=inf, groups=np.array(groups), neg=neg)
+    log.info("training data: %d ma20 slices in %d groups, %d negative slices", len(img),
+             len(set(groups)), len(neg))
+    return data
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def paint_dense(img: U8, mask: U8, rng: np.random.Generator) -> tuple[U8, U8]:
+    """Synthetic dense lung: a random part of one lung (a disc reaching to the pleura, or the
+    whole lung beyond a random chord: a lobar consolidation, a collapse, a white-out) is
+    filled with the slice's own soft-tissue level plus texture; it stays lung, and counts as
+    infected (label 2).  The model learns that whatever lies inside the pleura is lung,
+    however dense."""
+    from scipy import ndimage as ndi
+
+    lung = mask > 0
+    lab, n = ndi.label(lung)
+    if n == 0:
+        return img, mask
+    sizes = np.bincount(lab.ravel())[1:]
+    big = np.nonzero(sizes >= 400)[0]
+    if big.size == 0:
+        return img, mask
+    one = lab == int(rng.choice(big)) + 1
+    pts = np.argwhere(one)
+    rr, cc = np.mgrid[: img.shape[0], : img.shape[1]]
+    if rng.random() < 0.5:  # a disc around a point of the lung
+        r0, c0 = pts[int(rng.integers(len(pts)))]
+        rad = rng.uniform(12, 45)
+        region = one & ((rr - r0) ** 2 + (cc - c0) ** 2 <= rad ** 2)
+    else:  # the lung beyond a random chord
+        ang = rng.uniform(0, 2 * np.pi)
+        d = (rr * np.cos(ang) + cc * np.sin(ang))[one]
+        cut = np.quantile(d, rng.uniform(0.3, 1.0))
+        region = one & ((rr * np.cos(ang) + cc * np.sin(ang)) <= cut)
+    if region.sum() < 50:
+        return img, mask
+    ring = ndi.binary_dilation(lung, iterations=6) & ~lung
+    soft = float(np.percentile(img[ring], rng.uniform(45, 75))) if ring.any() else 160.0
+    tex = ndi.gaussian_filter(rng.standard_normal(img.shape), rng.uniform(1.0, 3.0))
+    tex = tex / (tex.std() + 1e-6) * rng.uniform(3, 12)
+    w = ndi.gaussian_filter(region.astype(np.float32), rng.uniform(0.7, 2.0))
+    dense = np.clip(soft + tex, 0, 255)
+    out = img.astype(np.float32) * (1 - w) + dense * w
+    if rng.random() < 0.4:  # air bronchograms survive: the darkest lung pixels stay darker
+        dark = region & (img < np.percentile(img[one], 8))
+        out[dark] = 0.5 * out[dark] + 0.5 * img[dark]
+    m = mask.copy()
+    m[region] = 2
+    return np.asarray(np.clip(out, 0, 255), np.uint8), m
+
+
+class Augment:
+    """Random spatial and intensity augmentation of 256-grid uint8 images and masks."""
+
+    def __init__(self, rng: np.random.Generator, size: int) -> None:
+        self.rng = rng
+        self.size = size
+
+    def __call__(self, img: U8, mask: U8) -> tuple[npt.NDArray[np.float32], U8]:
+        """Image in 0..1 and labels at ``size``; ``mask`` may carry 2 (infected lung)."""
+        import cv2
+
+        rng = self.rng
+        s = rng.uniform(0.8, 1.25)
+        ang = rng.uniform(-12, 12)
+        m = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), ang, s)
+        m[:, 2] = m[:, 2] + rng.uniform(-0.08, 0.08, 2) * SIZE
+        x = cv2.warpAffine(img.astype(np.float32), m, (SIZE, SIZE), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=float(img.min()))
+        y = cv2.warpAffine(mask, m, (SIZE, SIZE), flags=cv2.INTER_NEAREST,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if rng.random() < 0.5:
+            x, y = x[:, ::-1], y[:, ::-1]
+        x = np.clip(np.asarray(x, np.float32) / 255.0, 0, 1) ** rng.uniform(0.7, 1.4)
+        x = 0.5 + (x - 0.5) * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+        if rng.random() < 0.2:
+            x = cv2.GaussianBlur(np.ascontiguousarray(x, np.float32), (0, 0), rng.uniform(0.5, 1.2))
+        x = x + rng.standard_normal(x.shape) * rng.uniform(0, 0.03)
+        x = resize2d(np.ascontiguousarray(x, np.float32), (self.size, self.size))
+        yy = np.ascontiguousarray(y)
+        lung = shrink_mask((yy > 0).astype(np.uint8), self.size)
+        inf = shrink_mask((yy == 2).astype(np.uint8), self.size)
+        return np.asarray(np.clip(x, 0, 1), np.float32), np.asarray(lung + (inf & lung), np.uint8)
+
+
+def shrink_mask(mask: U8, size: int) -> U8:
+    """A 0/1 mask -> ``size`` x ``size`` by area (majority)."""
+    a = resize2d(mask.astype(np.float32), (size, size))
+    return np.asarray(a >= 0.5, np.uint8)
+
+
+def network_input(img_u8: U8, size: int) -> npt.NDArray[np.float32]:
+    """(K, 256, 256) uint8 recipe images -> (K, 1, size, size) float32 in 0..1."""
+    x = resize2d(img_u8.astype(np.float32) / 255.0, (size, size))
+    if x.ndim == 2:
+        x = x[None]
+    return np.ascontiguousarray(x[:, None], np.float32)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def build_network(cfg: LungTrainConfig) -> Any:
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=len(LABELS),
+                     features=tuple(cfg.features))
+
+
+def predict_prob(predictor: Any, img_u8: U8, size: int, batch: int = 16) -> npt.NDArray[np.float32]:
+    """Lung probability (K, size, size) of (K, 256, 256) recipe images."""
+    from ..inference import softmax
+
+    out = []
+    for k0 in range(0, len(img_u8), batch):
+        logits = predictor(network_input(img_u8[k0:k0 + batch], size))
+        out.append(softmax(logits)[:, 1])
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+
+
+def dice(pred: npt.NDArray[np.bool_], gt: npt.NDArray[np.bool_]) -> float:
+    s = int(pred.sum()) + int(gt.sum())
+    return 2.0 * int((pred & gt).sum()) / s if s else 1.0
+
+
+def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
+    """Train; returns the run folder (best.pt, last.pt, splits.json, history.json)."""
+    import torch
+    from monai.losses import DiceLoss
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    from .loop import torch_predictor
+
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    data = load_training_data(cfg, run / "data.npz")
+    groups = [str(g) for g in data["groups"]]
+    splits = split_groups(groups, cfg)
+    (run / "splits.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    g = np.array(groups)
+    train_idx = np.nonzero(np.isin(g, splits["train"]))[0]
+    val_idx = np.nonzero(np.isin(g, splits["val"]))[0]
+    neg = data["neg"]
+    log.info("lung training: %d train slices, %d validation slices, %d negatives; splits %s",
+             len(train_idx), len(val_idx), len(neg), splits)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    set_determinism(seed=cfg.seed)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2)))
+    rng = np.random.default_rng(cfg.seed)
+    aug = Augment(rng, cfg.size)
+    net = build_network(cfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.iterations_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total,
+                                                pct_start=0.1)
+    dice_loss = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)
+    history: list[dict[str, Any]] = []
+    start, best = 0, -1.0
+    last = run / "last.pt"
+    if resume and last.is_file():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        sched.total_steps = total
+        start, best, history = ck["epoch"], ck["best"], ck["history"]
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        log.info("resumed from %s at epoch %d (best validation Dice %.4f)", last, start, best)
+    empty = np.zeros((SIZE, SIZE), np.uint8)
+    for epoch in range(start, cfg.epochs):
+        net.train()
+        t0 = time.perf_counter()
+        losses = []
+        bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, mininterval=5.0)
+        for _ in bar:
+            xs, ys = [], []
+            for _ in range(cfg.batch_size):
+                if len(neg) and rng.random() < cfg.negative_fraction:
+                    x, y = aug(neg[int(rng.integers(len(neg)))], empty)
+                else:
+                    i = int(train_idx[int(rng.integers(len(train_idx)))])
+                    lab = (data["lung"][i] + (data["lung"][i] & data["inf"][i])).astype(np.uint8)
+                    im = data["img"][i]
+                    if rng.random() < cfg.dense_fraction:
+                        im, lab = paint_dense(im, lab, rng)
+                    x, y = aug(im, lab)
+                xs.append(x)
+                ys.append(y)
+            xb = torch.from_numpy(np.stack(xs)[:, None]).to(device)
+            y2 = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
+            yb = (y2 > 0).long()  # lung (2: infected lung, which weighs more)
+            w = 1.0 + cfg.infection_weight * (y2 == 2).float()
+            logits = net(xb)
+            ce = torch.nn.functional.cross_entropy(logits, yb, reduction="none")
+            loss = (ce * w).sum() / w.sum() + dice_loss(logits, yb[:, None])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.item()))
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        net.eval()
+        prob = predict_prob(torch_predictor(net, device), data["img"][val_idx], cfg.size)
+        full = resize2d(prob, (SIZE, SIZE)) >= 0.5
+        score = dice(full, data["lung"][val_idx] > 0)
+        row = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+               "seconds": round(time.perf_counter() - t0, 1), "val_dice_lung": round(score, 4)}
+        history.append(row)
+        improved = score > best
+        best = max(best, score)
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
+                 "history": history, "rng": rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg), "splits": splits}
+        torch.save(state, run / "last.tmp")
+        (run / "last.tmp").replace(last)
+        if improved:
+            torch.save(state, run / "best.pt")
+        (run / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        log.info("epoch %d: loss %.4f, validation lung Dice %.4f%s, %.0f s", epoch + 1,
+                 row["loss"], score, " *best*" if improved else "", row["seconds"])
+    return run
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
+                      metrics: dict[str, Any] | None = None) -> Path:
+    """``run``/``checkpoint``.pt -> ``out``/model.onnx, model.yaml, MODEL_CARD.md."""
+    import onnxruntime as ort
+    import torch
+    import yaml
+
+    from ..inference import file_sha256
+    from .loop import torch_predictor
+
+    ck = torch.load(run / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
+    cfg = from_mapping(LungTrainConfig, ck["config"], where="checkpoint config")
+    net = build_network(cfg)
+    net.load_state_dict(ck["model"])
+    net.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, cfg.size, cfg.size),), str(onnx_path),
+                      input_names=["image"], output_names=["logits"], opset_version=17,
+                      dynamo=False, dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}})
+    data = load_training_data(cfg, run / "data.npz")
+    x = network_input(data["img"][:8], cfg.size)
+    ref = torch_predictor(net, torch.device("cpu"))(x)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = np.asarray(sess.run(None, {"image": x})[0])
+    diff = float(np.abs(got - ref).max())
+    if diff > 1e-3:
+        raise RuntimeError(f"onnxruntime and torch disagree: expected < 1e-3, got {diff:.2e}")
+    history = ck["history"]
+    from .dataset import fingerprint
+
+    g = np.array([str(v) for v in data["groups"]])
+    seen = sorted(fingerprint(data["img"][g == grp].astype(np.int16))
+                  for grp in ck["splits"]["train"] + ck["splits"]["val"])
+    doc: dict[str, Any] = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "task": "lungs",
+        "sha256": file_sha256(onnx_path),
+        "labels": list(LABELS),
+        "framework": {"trained_with": f"torch {torch.__version__}, MONAI BasicUNet 2D",
+                      "served_with": f"onnxruntime (opset 17; checked with onnxruntime "
+                                     f"{ort.__version__})"},
+        "network": {"kind": "monai.networks.nets.BasicUNet", "spatial_dims": 2,
+                    "features": list(cfg.features),
+                    "parameters": int(sum(p.numel() for p in net.parameters()))},
+        "preprocessing": {
+            "input": "ma20",
+            "recipe": "canonical in-plane orientation (rows anterior->posterior, columns "
+                      "right->left); HU clipped to [-1024, 3071]; padded square with -1024; "
+                      "cv2.resize 256x256 bicubic; per-slice min-max; uint8(x*255); "
+                      "OpenCV CLAHE clip 7, 8x8 tiles (pipeline/representation.py)",
+            "network_size": cfg.size,
+            "scale": "uint8 / 255, area-averaged to network_size",
+            "z_step_mm": cfg.z_step_mm,
+        },
+        "postprocessing": {"threshold": 0.5, "upsampling": "bilinear probabilities",
+                           "between_slices": "linear interpolation of probabilities",
+                           "left_right": "by LPS x against the body's midline"},
+        "export_check": {"inputs": f"{len(x)} training slices",
+                         "max_abs_logit_difference": diff},
+        "training_data": {
+            "ma20": str(cfg.ma20),
+            "negatives_from": list(cfg.negatives_from),
+            "slices": len(data["img"]),
+            "negative_slices": len(data["neg"]),
+            "splits": ck["splits"],
+            # the ma20 volume cases (as `ctscreen data import --ma20` stores them) seen in
+            # training or validation: `ctscreen evaluate --task lungs` leaves them out
+            "seen_fingerprints": seen,
+            "epochs": ck["epoch"],
+            "checkpoint": f"{checkpoint}.pt (epoch {ck['epoch']})",
+            "best_validation": max(history, key=lambda h: h["val_dice_lung"]) if history else {},
+            "seconds": round(sum(h["seconds"] for h in history), 0),
+        },
+        "metrics": metrics or {},
+    }
+    (out / "model.yaml").write_text(
+        "# Written by `ctscreen export --task lungs`; inference reads preprocessing and sha256.\n"
+        + yaml.safe_dump(doc, sort_keys=False, width=100), encoding="utf-8")
+    (out / "MODEL_CARD.md").write_text(lung_model_card(doc), encoding="utf-8")
+    log.info("exported %s %s to %s (sha256 %s...)", cfg.name, cfg.version, out,
+             doc["sha256"][:12])
+    return onnx_path
+
+
+def lung_model_card(doc: dict[str, Any]) -> str:
+    """MODEL_CARD.md of a lung model from its model.yaml content."""
+    td = doc["training_data"]
+    rows = []
+    for key, rep in doc.get("metrics", {}).items():
+        m = rep.get("metrics", {}).get("dice_lung", {})
+        if m:
+            lo, hi = m.get("ci95", [None, None])
+            rows.append(f"| {key} | {rep.get('segmenter', '')} | {rep.get('cases', '')} | "
+                        f"{m.get('value')} | {lo} - {hi} |")
+    return "\n".join([
+        f"# Model card: {doc['name']} {doc['version']}", "",
+        "## What it does", "",
+        "Outlines both lungs, **including diseased lung** (ground glass, consolidation, "
+        "collapse), on axial chest CT slices for the ctscreen overnight triage.  A 2D MONAI "
+        f"BasicUNet ({doc['network']['parameters']:,} parameters, features "
+        f"{doc['network']['features']}) on a {doc['preprocessing']['network_size']}-pixel "
+        "square grid of the whole field of view, input made from HU by the ma20 recipe "
+        "(pipeline/representation.py), run on slices about "
+        f"{doc['preprocessing']['z_step_mm']} mm apart with the probabilities interpolated in "
+        "between; right and left are decided by patient geometry (LPS x against the body's "
+        "midline), never by array index.  Served by ONNX Runtime.", "",
+        "## Intended use", "",
+        "- The lung region in which ctscreen measures involvement and looks for lesions.",
+        "- Not for lobar anatomy, not for children, not for diagnosis.", "",
+        "## Training data", "",
+        f"- {td['slices']} slices of the COVID-19 CT Lung and Infection Segmentation set "
+        "(Ma et al. 2020; `ma20`), split by patient: "
+        f"train {td['splits']['train']}, validation {td['splits']['val']}, "
+        f"held-out test {td['splits']['test']}.",
+        f"- {td['negative_slices']} slices without lung (upper abdomen) from "
+        f"{', '.join(Path(p).name for p in td['negatives_from'])}, empty masks.",
+        f"- Training time: {td['seconds']:.0f} s of epochs ({td['epochs']} epochs, "
+        f"{td['checkpoint']}) on 2 shared CPU cores.", "",
+        "## Evaluation (95% CI, bootstrap over cases)", "",
+        "| data | segmenter | cases | lung Dice | 95% CI |", "|---|---|---|---|---|",
+        *rows, "",
+        "## Limits", "",
+        "- 2D: each slice on its own; the 128-pixel grid (about 2.8 mm for a 360 mm field) "
+        "smooths the boundary; thin structures at the hilum are approximate.",
+        "- Trained on 8 + several Radiopaedia COVID-19 volumes and one patient's abdomen: "
+        "the held-out test is two patients; the maintainers judge it on further cases.",
+        "- The classical segmenter runs beside it as a cross-check (a large disagreement is "
+        "the coded warning `lung-methods-disagree`).", "",
+        f"ONNX sha256: `{doc['sha256']}`; torch vs onnxruntime: max logit difference "
+        f"{doc['export_check']['max_abs_logit_difference']:.1e}.", ""])
