@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artefacts import Volume
-from pipeline.config import LesionsConfig
+from pipeline.config import LesionsConfig, LungsConfig
 from pipeline.lesions import DensityLesionDetector, analyse
 from pipeline.lungs import segment_lungs
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     name, ct = _study()
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, LungsConfig(method="classical"))
     print(f"study: {name}, {ct.shape[0]} slices of {ct.shape[1]}x{ct.shape[2]}, "
           f"spacing {tuple(round(s, 3) for s in ct.spacing)} mm, cpu cores {os.cpu_count()}")
     from pipeline.inference import OnnxLesionDetector

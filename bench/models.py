@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/models.py [--shared-data DIR] [--repeat N] [--json OUT]
                                      [--providers CUDAExecutionProvider ...]
+                                     [--lesion-model models/NAME]
 
 Reads LIDC-IDRI-0314 (275 slices of 512x512) once, loads both flows once (models stay
 loaded) and, ``--repeat`` times in turn, times:
@@ -9,8 +10,8 @@ loaded) and, ``--repeat`` times in turn, times:
 - the learned lung model alone (no cross-check), its classical cross-check, the lesion model;
 - the classical lung segmenter and the density detector;
 - the whole study (selection to the DICOM result objects, no write-back) with the learned
-  flow (the embedded defaults) and with the classical flow (``lungs.method: classical``,
-  ``lesions.detector: density``).
+  flow (learned lungs and ``--lesion-model``), with the embedded defaults, and with the
+  classical flow (``lungs.method: classical``, ``lesions.detector: density``).
 
 Prints medians and the ratios (learned / classical) measured in this one run: a benchmark,
 it never fails on a slow machine.  The onnxruntime provider and the CPU count are printed.
@@ -50,6 +51,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--providers", nargs="*", default=[])
+    p.add_argument("--lesion-model", default=Config().lesions.model,
+                   help="the lesion model of the learned flow (default: the configured one)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     src = args.shared_data / "chest-ct" / "lidc-idri-0314"
@@ -61,12 +64,14 @@ def main() -> int:
     prov = tuple(args.providers)
     learned_cfg = dataclasses.replace(
         base, lungs=dataclasses.replace(base.lungs, method="model", providers=prov),
-        lesions=dataclasses.replace(base.lesions, detector="onnx", providers=prov))
+        lesions=dataclasses.replace(base.lesions, detector="onnx", providers=prov,
+                                    model=args.lesion_model))
     classical_cfg = dataclasses.replace(
         base, lungs=dataclasses.replace(base.lungs, method="classical"),
         lesions=dataclasses.replace(base.lesions, detector="density"))
     learned = Stages.load(learned_cfg)
     classical = Stages.load(classical_cfg)
+    default = Stages.load(base)
     assert isinstance(learned.lungs, LearnedLungSegmenter)
     bare = LearnedLungSegmenter(dataclasses.replace(learned_cfg.lungs, cross_check=False))
     cross = ClassicalLungSegmenter(dataclasses.replace(
@@ -83,7 +88,7 @@ def main() -> int:
     fig: dict[str, list[float]] = {k: [] for k in (
         "lung model", "cross-check (classical, coarse)", "lesion model", "both models",
         "classical lungs", "density lesions", "classical stages",
-        "whole study, learned", "whole study, classical")}
+        "whole study, learned", "whole study, default", "whole study, classical")}
     for _ in range(args.repeat):
         t_l, lungs = _t(bare, ct)
         t_x, _ = _t(cross, ct)
@@ -92,23 +97,31 @@ def main() -> int:
         t_d, _ = _t(density, ct, cl)
         t_wl, (res_l, _) = _t(screen_study, study, archive, learned)
         t_wc, (res_c, _) = _t(screen_study, study, archive, classical)
+        t_wd, (res_d, _) = _t(screen_study, study, archive, default)
         for k, v in (("lung model", t_l), ("cross-check (classical, coarse)", t_x),
                      ("lesion model", t_m), ("both models", t_l + t_m),
                      ("classical lungs", t_c), ("density lesions", t_d),
                      ("classical stages", t_c + t_d), ("whole study, learned", t_wl),
+                     ("whole study, default", t_wd),
                      ("whole study, classical", t_wc)):
             fig[k].append(v)
     med = {k: round(statistics.median(v), 2) for k, v in fig.items()}
     for k, v in med.items():
         print(f"{k:<34}{v:>8.2f} s")
     ratio = round(med["whole study, learned"] / med["whole study, classical"], 2)
-    print(f"whole study learned / classical: {ratio}")
+    ratio_d = round(med["whole study, default"] / med["whole study, classical"], 2)
+    print(f"whole study learned / classical: {ratio}; default / classical: {ratio_d}")
     print(f"learned flow result: {res_l.status.value}, involvement {res_l.involved_pct}, "
           f"pattern {res_l.pattern}, warnings {res_l.warnings}")
     print(f"classical flow result: {res_c.status.value}, involvement {res_c.involved_pct}, "
           f"pattern {res_c.pattern}, warnings {res_c.warnings}")
+    print(f"default flow ({default.algorithm_version}) result: {res_d.status.value}, "
+          f"involvement {res_d.involved_pct}, pattern {res_d.pattern}, lungs "
+          f"{res_d.lung_volume_ml} ml, warnings {res_d.warnings}")
     if args.json:
         args.json.write_text(json.dumps({"seconds": med, "learned_over_classical": ratio,
+                                         "default_over_classical": ratio_d,
+                                         "lesion_model": args.lesion_model,
                                          "provider": provider, "cpu_cores": os.cpu_count(),
                                          "repeat": args.repeat}, indent=2))
     return 0

@@ -444,6 +444,8 @@ def _add_model_commands(sub: Any) -> None:
     ex.add_argument("--report", action="append", default=[], metavar="KEY=REPORT_JSON",
                     help="attach an evaluation (e.g. model=..., baseline=...)")
     ex.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    ex.add_argument("--note", action="append", default=[],
+                    help="a line for the model card (lungs task): how it was chosen, a limit")
     ex.set_defaults(func=_cmd_export)
 
 
@@ -516,7 +518,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             if not path:
                 raise CtscreenError(f"--report: expected KEY=REPORT_JSON, got {item!r}")
             metrics[key] = json.loads(Path(path).read_text(encoding="utf-8"))
-        print(f"exported {export_lung_model(run_dir, Path(args.out), args.checkpoint, metrics)}")
+        print(f"exported "
+              f"{export_lung_model(run_dir, Path(args.out), args.checkpoint, metrics, args.note)}")
         return 0
     reports = {}
     for item in args.report:

@@ -83,16 +83,24 @@ class VolumeConfig:
 class LungsConfig:
     # "model": the learned segmenter (ONNX Runtime, folder ``model``); "classical": the
     # threshold method below, which also serves as the model's cross-check
-    method: str = "classical"
+    method: str = "model"
     model: str = "models/ctscreen-lungs-unet2d"
     threads: int = 2  # onnxruntime intra-op threads (the model)
     providers: tuple[str, ...] = ()  # onnxruntime providers; empty: CUDA where present, CPU
     # method "model": the classical segmenter runs too, at this coarser in-plane spacing, and
     # a Dice between the two under cross_check_min_dice is a coded warning
     # ("lung-methods-disagree"); cross_check false skips it
+    # the model runs on slices about this far apart (its probabilities are interpolated in
+    # between): a speed / z-resolution trade-off of serving; 0: the model.yaml value
+    z_step_mm: float = 3.0
     cross_check: bool = True
     cross_check_spacing_mm: float = 3.0
     cross_check_min_dice: float = 0.85
+    # the learned mask: a 3-D piece less aerated (below air_threshold_hu) than this is not lung
+    min_aerated_fraction: float = 0.05
+    # dense lung (above pleural_min_mean_hu) that the classical cross-check keeps (pleural
+    # repair, mirror recovery of a lobar consolidation) and the model does not is added
+    dense_from_classical: bool = True
     min_lung_volume_ml: float = 500.0  # less, both lungs together: "no-lungs-found"
     working_spacing_mm: float = 1.5  # in-plane blocks of about this size (labels upsampled)
     air_threshold_hu: float = -400.0  # lung parenchyma and airways are below
@@ -133,6 +141,9 @@ class LesionsConfig:
     # onnxruntime has it (onnxruntime-gpu), then CPU
     providers: tuple[str, ...] = ()
     batch_slices: int = 16  # axial slices per onnxruntime call
+    # an "ma20"-input model runs on slices about this far apart in a stack (probabilities
+    # interpolated in between); 0: the model.yaml value
+    z_step_mm: float = 3.0
     max_reported_findings: int = 20  # the largest N are reported one by one
     # Study-level call, the RSNA category (pipeline/lesions.py, rsna_category). Shares are
     # of the involved volume (all findings of both lungs together).
@@ -329,6 +340,7 @@ class TrainConfig:
     annotated_2d_fraction: float = 0.5  # share of patches from annotated 2D slices
     ma20_fraction: float = 0.0  # share of patches from ma20 slices (merged infection labels)
     class_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # cross-entropy weight per class
+    union_dice: bool = False  # add the Dice of lesions as a whole (labels of unknown kind)
     negative_slices_per_volume: int = 40  # lesion-free slices kept per volume case
     device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda"
     # CPU threads for torch; 0: all cores but one.  On a 2-core machine shared with other
@@ -353,13 +365,13 @@ class LungTrainConfig:
     z_step_mm: float = 2.5  # inference: the model runs on slices about this far apart
     features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
     batch_size: int = 16
-    epochs: int = 10
+    epochs: int = 14
     iterations_per_epoch: int = 100
     learning_rate: float = 0.003
     weight_decay: float = 0.0001
     negative_fraction: float = 0.12  # share of samples drawn from the negatives
-    infection_weight: float = 3.0  # infected lung pixels weigh 1 + this in the cross-entropy
-    dense_fraction: float = 0.3  # share of ma20 samples given synthetic dense lung
+    infection_weight: float = 6.0  # infected lung pixels weigh 1 + this in the cross-entropy
+    dense_fraction: float = 0.5  # share of ma20 samples given synthetic dense lung
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: all cores
 

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -352,15 +352,19 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
             logits = predictor(xp)[:, :, : grid[0], : grid[1]]
             probs = resize_slices(softmax(logits), crop_shape, 1)
             out[k0:k1, r0:r1, c0:c1] = np.argmax(probs, axis=1).astype(np.uint8)
-    out[~region] = 0
+    # labels exist only in the box: the clean-up runs there (the same result, less work)
+    box = (ks, slice(r0, r1), slice(c0, c1))
+    sub = np.where(region[box], out[box], 0).astype(np.uint8)
     min_px = spec.min_lesion_mm2 / (spacing_rc[0] * spacing_rc[1])
-    out = drop_small_2d(out, min_px)
-    if slice_mm is not None and hu.shape[0] >= 3 and spec.min_lesion_ml > 0 and out.any():
-        lab, _ = ndi.label(out > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    sub = drop_small_2d(sub, min_px)
+    if slice_mm is not None and hu.shape[0] >= 3 and spec.min_lesion_ml > 0 and sub.any():
+        lab, _ = ndi.label(sub > 0, structure=np.ones((3, 3, 3), dtype=bool))
         sizes = np.bincount(lab.ravel())
         small = sizes * (spacing_rc[0] * spacing_rc[1] * slice_mm / 1000.0) < spec.min_lesion_ml
         small[0] = False
-        out[small[lab]] = 0
+        sub[small[lab]] = 0
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    out[box] = sub
     return out
 
 
@@ -369,6 +373,8 @@ class OnnxLesionDetector:
 
     def __init__(self, config: LesionsConfig) -> None:
         self.spec = load_model_spec(config.model)
+        if config.z_step_mm > 0:
+            self.spec = replace(self.spec, z_step_mm=config.z_step_mm)
         if self.spec.task != "lesions" or len(self.spec.labels) != 3:
             raise ModelError(f"model {self.spec.name}: expected a 3-label lesions model, got "
                              f"task {self.spec.task!r} with labels {list(self.spec.labels)}")

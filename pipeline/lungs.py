@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -656,8 +656,12 @@ class LearnedLungSegmenter:
        slices; voxels >= 0.5 are lung; 3-D pieces under ``min_component_ml`` are dropped;
     3. right and left are decided by patient geometry: each piece by its LPS x against the
        body's midline (left = larger x); a piece that straddles the midline (lungs joined at
-       the junction lines) is split by the classical method's erosion split;
-    4. the labels are brought to the CT grid (bilinear probabilities per side).
+       the junction lines) is split by the classical method's erosion split; per slice, what
+       one lung encloses is lung (holes filled);
+    4. the labels are brought to the CT grid (bilinear probabilities per side);
+    5. with the cross-check on and ``dense_from_classical``, dense lung that the classical
+       method keeps (its pleural repair and mirror recovery) and the model does not joins the
+       lung it touches (:func:`_dense_from_classical`).
 
     Less than ``min_lung_volume_ml`` of lung: ``NotAnalysable("no-lungs-found")``.  Where
     ``cross_check`` is on, the classical segmenter runs too (at ``cross_check_spacing_mm``)
@@ -670,6 +674,8 @@ class LearnedLungSegmenter:
 
         self.config = config
         self.spec = load_model_spec(config.model)
+        if config.z_step_mm > 0:
+            self.spec = replace(self.spec, z_step_mm=config.z_step_mm)
         if self.spec.task != "lungs" or len(self.spec.labels) != 2:
             raise ConfigError(f"lungs.model {config.model}: expected a 2-label lungs model, got "
                               f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
@@ -713,7 +719,12 @@ class LearnedLungSegmenter:
         from .train.lungs import predict_prob
 
         p = predict_prob(self.predictor, images, self.spec.network_size)
-        return np.asarray(resize2d(p, (SIZE, SIZE)) >= 0.5)
+        out = np.asarray(resize2d(p, (SIZE, SIZE)) >= 0.5)
+        for k in range(out.shape[0]):  # what one lung encloses is lung, as in a volume
+            lab, n = ndi.label(out[k])
+            for i in range(1, n + 1):
+                out[k] |= ndi.binary_fill_holes(lab == i)
+        return out
 
     def __call__(self, ct: Volume) -> LungMasks:
         from .representation import (
@@ -731,7 +742,7 @@ class LearnedLungSegmenter:
         aff = ct.affine @ m
         grid = _Grid(aff, tuple(float(v) for v in np.linalg.norm(aff[:3, :3], axis=0)),  # type: ignore[arg-type]
                      float(abs(np.linalg.det(aff[:3, :3])) / 1000.0))
-        low = _sides(prob >= 0.5, ct, grid, cfg)
+        low = _sides(prob >= 0.5, ct, grid, cfg, m)
         # to the CT grid: per side, the probability where that side's pieces are (one
         # network pixel wider), upsampled bilinearly, >= 0.5
         near = ndi.grey_dilation(low, size=(1, 3, 3))
@@ -755,9 +766,9 @@ class LearnedLungSegmenter:
                 "no-lungs-found",
                 f"expected at least {cfg.min_lung_volume_ml:.0f} ml of lung, got {total_ml:.0f} ml",
             )
-        masks = LungMasks(labels=ct.with_array(full), method=self.method)
         t1 = time.perf_counter()
-        warnings = self._cross_check(ct, masks)
+        warnings = self._cross_check(ct, full)
+        masks = LungMasks(labels=ct.with_array(full), method=self.method)
         log.info("lungs: %.0f ml (right %.0f, left %.0f) by %s in %.2f s (cross-check %.2f s)",
                  total_ml,
                  np.count_nonzero(full == LUNG_LABELS[Side.RIGHT]) * ct.voxel_volume_ml,
@@ -765,33 +776,55 @@ class LearnedLungSegmenter:
                  self.method, t1 - t0, time.perf_counter() - t1)
         return replace(masks, warnings=warnings)
 
-    def _cross_check(self, ct: Volume, masks: LungMasks) -> tuple[str, ...]:
+    def _cross_check(self, ct: Volume, full: npt.NDArray[np.uint8]) -> tuple[str, ...]:
+        """The classical segmenter's opinion: a coded warning where the two disagree, and
+        (``dense_from_classical``) the dense lung it keeps that the model does not, added
+        to ``full`` in place (see :func:`_dense_from_classical`)."""
         if self.cross is None:
             return ()
-        other = self.cross(ct).mask()
+        other = self.cross(ct).labels.array
         if not other.any():
             return ("lung-methods-disagree:classical=none",)
-        ours = masks.mask()
         sub = (slice(None), slice(None, None, 2), slice(None, None, 2))
-        a, b = ours[sub], other[sub]
+        a, b = full[sub] > 0, other[sub] > 0
         n = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
         d = 2.0 * int(np.count_nonzero(a & b)) / max(1, n)
+        if self.config.dense_from_classical:
+            added = _dense_from_classical(full, other, ct.array, self.config)
+            if added:
+                log.info("lungs: %.0f ml of dense lung kept by the classical cross-check added",
+                         added * ct.voxel_volume_ml)
         if d < self.config.cross_check_min_dice:
             log.warning("lungs: the classical cross-check disagrees (Dice %.2f)", d)
             return (f"lung-methods-disagree:dice={d:.2f}",)
         return ()
 
 
-def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig) -> npt.NDArray[np.uint8]:
+def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig,
+           to_index: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
     """Lung pieces of a mask on ``grid`` -> LUNG_LABELS by patient geometry (see
-    :class:`LearnedLungSegmenter`)."""
+    :class:`LearnedLungSegmenter`).  A piece is kept when it holds ``min_component_ml`` and
+    at least ``min_aerated_fraction`` of it is aerated (below ``air_threshold_hu`` on the
+    CT): a piece of solid tissue alone (bowel, liver, a neck) is not a lung."""
     out = np.zeros(mask.shape, dtype=np.uint8)
     lab, n = ndi.label(mask)
     if n == 0:
         return out
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    keep = [i for i in np.argsort(sizes)[::-1] if sizes[i] * grid.voxel_ml >= cfg.min_component_ml]
+    big = [i for i in np.argsort(sizes)[::-1] if sizes[i] * grid.voxel_ml >= cfg.min_component_ml]
+    keep = []
+    for i in big:
+        pts = np.argwhere(lab == i)[:: max(1, int(sizes[i]) // 20000)]
+        idx = np.c_[pts, np.ones(len(pts))] @ to_index[:3].T
+        kk, rr, cc = (np.clip(np.rint(idx[:, a]), 0, ct.shape[a] - 1).astype(np.intp)
+                      for a in range(3))
+        aerated = float(np.mean(ct.array[kk, rr, cc] < cfg.air_threshold_hu))
+        if aerated >= cfg.min_aerated_fraction:
+            keep.append(i)
+        else:
+            log.info("lungs: a %.0f ml piece of the model's mask dropped: %.1f%% aerated",
+                     sizes[i] * grid.voxel_ml, 100 * aerated)
     if not keep:
         return out
     mid_x = _body_midline_x(ct)
@@ -801,7 +834,59 @@ def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig) -> npt.ND
         for part in parts:
             side = Side.LEFT if _centroid_x(part, grid) > mid_x else Side.RIGHT
             out[part & (out == 0)] = LUNG_LABELS[side]
+    fill_holes_per_slice(out)
     return out
+
+
+def fill_holes_per_slice(labels: npt.NDArray[np.uint8]) -> None:
+    """In place: per slice and per lung, what the lung encloses is lung (a dense lesion or a
+    vessel surrounded by aerated lung), as the classical method does."""
+    for k in range(labels.shape[0]):
+        sl = labels[k]
+        if not sl.any():
+            continue
+        for v in LUNG_LABELS.values():
+            box = bounding_box((sl == v)[None])
+            if box is None:
+                continue
+            s = sl[box[1:]]  # a view: the hole filling works on the piece's own box
+            s[ndi.binary_fill_holes(s == v) & (s == 0)] = v
+
+
+def _dense_from_classical(full: npt.NDArray[np.uint8], other: npt.NDArray[np.uint8],
+                          hu: npt.NDArray[np.signedinteger[Any] | np.floating[Any]],
+                          cfg: LungsConfig) -> int:
+    """In place: voxels the classical mask holds and the learned one does not, denser than
+    ``pleural_min_mean_hu`` (dense lung: the classical method's pleural repair and mirror
+    recovery), in 3-D pieces that touch the learned lung of the same side, join it with that
+    side's label.  Aerated lung the model left out is not added (that is the model's call,
+    and the cross-check warning's).  Returns the number of voxels added."""
+    cand = (other > 0) & (full == 0) & (hu > cfg.pleural_min_mean_hu)
+    box = bounding_box(cand, margin=1)
+    if box is None:
+        return 0
+    c, f, o = cand[box], full[box], other[box]
+    lab, n = ndi.label(c)
+    if n == 0:
+        return 0
+    added = 0
+    for v in LUNG_LABELS.values():
+        fv = f == v
+        touch = np.zeros(n + 1, dtype=bool)  # pieces with a 6-neighbour in the model's lung v
+        for ax in range(3):
+            fwd, back = slice(1, None), slice(None, -1)
+            for a_sl, b_sl in ((fwd, back), (back, fwd)):
+                ia, ib = [slice(None)] * 3, [slice(None)] * 3
+                ia[ax], ib[ax] = a_sl, b_sl
+                nb = lab[tuple(ib)]
+                touch[nb[fv[tuple(ia)] & (nb > 0)]] = True
+        touch[0] = False
+        if touch.any():
+            sel = touch[lab] & (o == v)
+            f[sel] = v
+            added += int(np.count_nonzero(sel))
+    full[box] = f
+    return added
 
 
 def _body_midline_x(ct: Volume) -> float:

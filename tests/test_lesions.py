@@ -20,7 +20,7 @@ from pipeline.artefacts import (
     Volume,
     Zone,
 )
-from pipeline.config import LesionsConfig
+from pipeline.config import LesionsConfig, LungsConfig
 from pipeline.errors import ConfigError
 from pipeline.lesions import (
     SEVERITY_SCALE,
@@ -49,7 +49,8 @@ from pipeline.phantom.model import (
 log = logging.getLogger(__name__)
 SHAPE = (110, 160, 160)
 SPACING = (2.5, 2.2, 2.2)
-CFG = LesionsConfig()
+CLASSICAL = LungsConfig(method="classical")
+CFG = LesionsConfig(detector="density")  # the density detector's tests
 
 
 @pytest.fixture(scope="module", params=["axial", "flipped", "oblique"])
@@ -57,7 +58,7 @@ def case(request):  # type: ignore[no-untyped-def]
     orient = request.param
     thickness = 2.5 if orient == "oblique" else None
     ct, truth = render(PhantomSpec(), make_grid(SHAPE, SPACING, orient), SHAPE, thickness)
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, CLASSICAL)
     return orient, ct, truth, lungs, detect_and_analyse(ct, lungs, CFG)
 
 
@@ -127,7 +128,7 @@ def test_no_finding_outside_the_lungs(case) -> None:  # type: ignore[no-untyped-
 
 def test_lesion_free_phantom_is_negative() -> None:
     ct, _ = render(PhantomSpec(lesions=()), make_grid(SHAPE, SPACING, "axial"), SHAPE)
-    an = detect_and_analyse(ct, segment_lungs(ct), CFG)
+    an = detect_and_analyse(ct, segment_lungs(ct, CLASSICAL), CFG)
     assert an.pattern == Pattern.NEGATIVE
     assert an.n_findings_total <= 1 and an.involved_pct < 0.05
     assert an.severity_score <= 1 and an.suspicion < 0.05
@@ -191,7 +192,7 @@ def test_lidc_real_study(shared_data: Path) -> None:
     from test_lungs import read_lidc
 
     ct: Volume = read_lidc(shared_data)
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, CLASSICAL)
     t0 = time.perf_counter()
     an = detect_and_analyse(ct, lungs, CFG)
     dt = time.perf_counter() - t0
@@ -226,7 +227,7 @@ def test_phantom_patterns_get_their_rsna_category(
     thickness = 2.5 if orient == "oblique" else None
     ct, truth = render(PhantomSpec(lesions=lesions), make_grid(SHAPE, SPACING, orient),  # type: ignore[arg-type]
                        SHAPE, thickness)
-    an = detect_and_analyse(ct, segment_lungs(ct), CFG)
+    an = detect_and_analyse(ct, segment_lungs(ct, CLASSICAL), CFG)
     features = pattern_features(an.findings)
     log.info("%s %s: %s, %.2f%% involved, %s", orient, want, an.pattern, an.involved_pct,
              features)

@@ -39,6 +39,7 @@ from pipeline.phantom.model import (
 
 log = logging.getLogger(__name__)
 SHAPE = (110, 160, 160)
+CLASSICAL = LungsConfig(method="classical")  # this file tests the classical segmenter
 SPACING = (2.5, 2.2, 2.2)
 
 
@@ -51,7 +52,7 @@ def case(request):  # type: ignore[no-untyped-def]
     orient = request.param
     thickness = 2.5 if orient == "oblique" else None
     ct, truth = render(PhantomSpec(), make_grid(SHAPE, SPACING, orient), SHAPE, thickness)
-    return orient, ct, truth, segment_lungs(ct)
+    return orient, ct, truth, segment_lungs(ct, CLASSICAL)
 
 
 def test_volume_and_dice_per_lung(case) -> None:  # type: ignore[no-untyped-def]
@@ -108,8 +109,8 @@ def clean(request):  # type: ignore[no-untyped-def]
     thickness = 2.5 if orient == "oblique" else None
     ct, truth = render(PhantomSpec(lesions=()), make_grid(SHAPE, SPACING, orient), SHAPE,
                        thickness)
-    return orient, ct, truth, segment_lungs(ct), segment_lungs(ct, LungsConfig(
-        mirror_recovery=False))
+    return orient, ct, truth, segment_lungs(ct, CLASSICAL), segment_lungs(
+        ct, LungsConfig(method="classical", mirror_recovery=False))
 
 
 def test_lesion_free_phantom_is_accurate(clean) -> None:  # type: ignore[no-untyped-def]
@@ -144,7 +145,7 @@ def lobar(request):  # type: ignore[no-untyped-def]
     ct, truth = render(PhantomSpec(lesions=(les,)), make_grid(SHAPE, SPACING, orient), SHAPE,
                        thickness)
     assert truth.lesion_sides == (side,) and truth.lesion_ml[0] > 350
-    return orient, side, ct, truth, segment_lungs(ct)
+    return orient, side, ct, truth, segment_lungs(ct, CLASSICAL)
 
 
 def test_lobar_consolidation_stays_inside_its_lung(lobar) -> None:  # type: ignore[no-untyped-def]
@@ -165,7 +166,7 @@ def test_without_mirror_recovery_the_lobar_consolidation_is_lost() -> None:
     """Mirror recovery is what keeps it inside: turned off, most of it is outside."""
     les = LesionSpec(LesionKind.CONSOLIDATION, (-70.0, 5.0, 95.0), LOBAR_RADII)
     ct, truth = render(PhantomSpec(lesions=(les,)), make_grid(SHAPE, SPACING, "axial"), SHAPE)
-    lungs = segment_lungs(ct, LungsConfig(mirror_recovery=False))
+    lungs = segment_lungs(ct, LungsConfig(method="classical", mirror_recovery=False))
     cons = truth.lesions.array == LESION_LABELS[LesionKind.CONSOLIDATION]
     assert np.count_nonzero(cons & lungs.mask()) / np.count_nonzero(cons) < 0.5
 
@@ -175,7 +176,7 @@ def test_lobar_consolidation_off_centre_patient() -> None:
     les = LesionSpec(LesionKind.CONSOLIDATION, (70.0, 5.0, 95.0), LOBAR_RADII)
     aff = make_grid(SHAPE, SPACING, "axial", centre_lps=(-20.0, 10.0, 0.0), in_plane_deg=0.0)
     ct, truth = render(PhantomSpec(lesions=(les,)), aff, SHAPE)
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, CLASSICAL)
     cons = truth.lesions.array == LESION_LABELS[LesionKind.CONSOLIDATION]
     assert np.count_nonzero(cons & lungs.mask(Side.LEFT)) / np.count_nonzero(cons) >= 0.85
 
@@ -183,7 +184,7 @@ def test_lobar_consolidation_off_centre_patient() -> None:
 def test_without_pleural_repair_the_consolidation_is_lost() -> None:
     """The repair is what keeps it inside: turned off, the same test fails."""
     ct, truth = render(PhantomSpec(), make_grid(SHAPE, SPACING, "axial"), SHAPE)
-    lungs = segment_lungs(ct, LungsConfig(pleural_max_depth_mm=0.0))
+    lungs = segment_lungs(ct, LungsConfig(method="classical", pleural_max_depth_mm=0.0))
     cons = truth.lesions.array == LESION_LABELS[LesionKind.CONSOLIDATION]
     assert np.count_nonzero(cons & lungs.mask()) / np.count_nonzero(cons) < 0.5
 
@@ -197,7 +198,7 @@ def test_no_lungs_is_refused() -> None:
     arr = np.where(body, 40, -1000).astype(np.int16)
     arr[:, 60:64, 60:64] = -1000  # a little bowel gas
     with pytest.raises(NotAnalysable) as e:
-        segment_lungs(vol.with_array(arr))
+        segment_lungs(vol.with_array(arr), CLASSICAL)
     assert e.value.code == "no-lungs-found"
     assert "expected at least 500 ml" in str(e.value)
 
@@ -242,7 +243,7 @@ def test_copdgene_agreement_with_cip_labels(shared_data: Path) -> None:
     ct = ct.with_array(ct.array.astype(np.int16))
     whole = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "wholeLung-64.nrrd"))) > 0
     regions = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "lm-64.nrrd"))) & 0xFF
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, CLASSICAL)
     agreement = dice(lungs.mask(), whole)
     log.info("COPDGene 10002K (4 mm): Dice agreement with CIP wholeLung %.3f", agreement)
     assert agreement > 0.95  # measured 0.978
@@ -280,7 +281,7 @@ def test_lidc_lungs(shared_data: Path) -> None:
     sagittal views."""
     ct = read_lidc(shared_data)
     t0 = time.perf_counter()
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, CLASSICAL)
     dt = time.perf_counter() - t0
     right = lungs.mask(Side.RIGHT).sum() * ct.voxel_volume_ml
     left = lungs.mask(Side.LEFT).sum() * ct.voxel_volume_ml
@@ -306,7 +307,8 @@ def test_lidc_lungs(shared_data: Path) -> None:
 @pytest.mark.shared_data
 def test_lidc_without_mirror_recovery_is_flagged(shared_data: Path) -> None:
     """The threshold-only mask (opacified right upper lung left out) is caught by the QA."""
-    lungs = segment_lungs(read_lidc(shared_data), LungsConfig(mirror_recovery=False))
+    lungs = segment_lungs(read_lidc(shared_data),
+                          LungsConfig(method="classical", mirror_recovery=False))
     assert lung_mask_warnings(lungs) == ("lung-asymmetry:right=0.49",)
 
 

@@ -483,6 +483,7 @@ def import_volumes(src: Path, out: Path, margin_mm: float = 15.0) -> list[CaseRe
     """Layout (b): ROOT/<site>/<case>/ with an image and a lesion label."""
     import SimpleITK as sitk
 
+    from ..config import LungsConfig
     from ..lungs import segment_lungs
 
     records = []
@@ -508,7 +509,7 @@ def import_volumes(src: Path, out: Path, margin_mm: float = 15.0) -> list[CaseRe
             bad = set(np.unique(label).tolist()) - {0, 1, 2, IGNORE}
             if bad:
                 raise DatasetError(f"{case}: expected labels 0/1/2/255, got also {sorted(bad)}")
-            lungs = segment_lungs(ct).mask()
+            lungs = segment_lungs(ct, LungsConfig(method="classical")).mask()
             found = ndi.find_objects(lungs.astype(np.uint8))
             if not found or found[0] is None:
                 log.warning("%s: no lungs found; skipped", case)

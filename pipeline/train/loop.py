@@ -82,6 +82,9 @@ def prepare_slices(ds: Dataset, ids: list[str], cfg: TrainConfig, rng: np.random
     for cid in ids:
         case = ds.load(by_id[cid])
         rec = case.record
+        if cfg.input == "ma20" and rec.source == "semiseg":
+            # a lung-cropped slice: the crop is the region, in training as in evaluation
+            case.region = np.ones(case.region.shape, dtype=bool)
         found = ndi.find_objects(case.region.astype(np.uint8))
         if not found or found[0] is None:
             continue
@@ -286,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             x = torch.from_numpy(xb).to(device)
             y = torch.from_numpy(yb.astype(np.int64)).to(device)
             logits = net(x)
-            loss = lesion_loss(logits, y, dice_loss, weights)
+            loss = lesion_loss(logits, y, dice_loss, weights, cfg.union_dice)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -321,11 +324,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return run
 
 
-def lesion_loss(logits: Any, y: Any, dice_loss: Any, weights: Any) -> Any:
+def lesion_loss(logits: Any, y: Any, dice_loss: Any, weights: Any, union: bool = False) -> Any:
     """Cross-entropy (per-class weights) + masked Dice over GGO and consolidation, where
     labels 3 (a lesion of unknown kind) count as "GGO or consolidation": their
-    cross-entropy is -log(p_ggo + p_consolidation), their Dice is that of lesions as a
-    whole; 255 is ignored."""
+    cross-entropy is -log(p_ggo + p_consolidation); with ``union``, + the Dice of lesions
+    as a whole (p_ggo + p_consolidation against any lesion label); 255 is ignored."""
     import torch
 
     logp = torch.log_softmax(logits, dim=1)
@@ -337,6 +340,8 @@ def lesion_loss(logits: Any, y: Any, dice_loss: Any, weights: Any) -> Any:
     n = known.sum() + any_.sum()
     ce = ((nll * known).sum() + (les * any_).sum()) / n.clamp(min=1)
     loss = ce + dice_loss(logits, yk.unsqueeze(1), mask=known.unsqueeze(1).float())
+    if not union:
+        return loss
     p = torch.softmax(logits, dim=1)
     lesion_p = p[:, 1] + p[:, 2]
     lesion_t = ((y == 1) | (y == 2) | any_).float()
@@ -352,10 +357,13 @@ def prepare_val(ds: Dataset, ids: list[str]) -> list[Any]:
 
 
 def validate(net: Any, device: Any, cases: list[Any], spec: ModelSpec) -> dict[str, float]:
-    """Pooled Dice over the validation cases, through the inference path."""
+    """Pooled Dice over the validation cases, through the inference path (a lung-cropped
+    semiseg slice of an "ma20" model: the whole slice is the region, as in evaluation)."""
     pred_all, gt_all = [], []
     predictor = torch_predictor(net, device)
     for case in cases:
+        if spec.input == "ma20" and case.record.source == "semiseg":
+            case.region = np.ones(case.region.shape, dtype=bool)
         pred = segment_slices(case.hu, case.record.spacing_rc, case.region, predictor, spec,
                               intensity=case.record.intensity)
         pred_all.append(pred.ravel())

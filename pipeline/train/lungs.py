@@ -345,7 +345,8 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
 
 
 def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
-                      metrics: dict[str, Any] | None = None) -> Path:
+                      metrics: dict[str, Any] | None = None,
+                      notes: list[str] | None = None) -> Path:
     """``run``/``checkpoint``.pt -> ``out``/model.onnx, model.yaml, MODEL_CARD.md."""
     import onnxruntime as ort
     import torch
@@ -420,6 +421,7 @@ def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
             "seconds": round(sum(h["seconds"] for h in history), 0),
         },
         "metrics": metrics or {},
+        "notes": list(notes or []),
     }
     (out / "model.yaml").write_text(
         "# Written by `ctscreen export --task lungs`; inference reads preprocessing and sha256.\n"
@@ -435,11 +437,13 @@ def lung_model_card(doc: dict[str, Any]) -> str:
     td = doc["training_data"]
     rows = []
     for key, rep in doc.get("metrics", {}).items():
-        m = rep.get("metrics", {}).get("dice_lung", {})
+        m = rep.get("metrics", {}).get("dice_pooled", {})
         if m:
             lo, hi = m.get("ci95", [None, None])
-            rows.append(f"| {key} | {rep.get('segmenter', '')} | {rep.get('cases', '')} | "
-                        f"{m.get('value')} | {lo} - {hi} |")
+            cases = ", ".join(f"{c['id']} {c['dice']}" for c in rep.get("per_case", [])
+                              if isinstance(c, dict) and "id" in c and "dice" in c)
+            rows.append(f"| {key} | {rep.get('segmenter', '')} | {rep.get('cases', '')} "
+                        f"({cases}) | {m.get('value')} | {lo} - {hi} |")
     return "\n".join([
         f"# Model card: {doc['name']} {doc['version']}", "",
         "## What it does", "",
@@ -465,8 +469,9 @@ def lung_model_card(doc: dict[str, Any]) -> str:
         f"- Training time: {td['seconds']:.0f} s of epochs ({td['epochs']} epochs, "
         f"{td['checkpoint']}) on 2 shared CPU cores.", "",
         "## Evaluation (95% CI, bootstrap over cases)", "",
-        "| data | segmenter | cases | lung Dice | 95% CI |", "|---|---|---|---|---|",
+        "| data | segmenter | cases | lung Dice, pooled | 95% CI |", "|---|---|---|---|---|",
         *rows, "",
+        *[f"- {n}" for n in doc.get("notes", [])], "",
         "## Limits", "",
         "- 2D: each slice on its own; the 128-pixel grid (about 2.8 mm for a 360 mm field) "
         "smooths the boundary; thin structures at the hilum are approximate.",

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from ..config import LesionsConfig
+from ..config import LesionsConfig, LungsConfig
 from ..lesions import DensityLesionDetector
 from ..lungs import segment_lungs
 from .dataset import IGNORE, CaseRecord, _hu_summary, read_dicom_series, save_case
@@ -125,7 +125,7 @@ def import_synthetic(ct_dir: Path, out: Path, n_cases: int, seed: int,
     """Layout (c): ``n_cases`` training cases with inserted lesions + held-out negatives."""
     ct, _ = read_dicom_series(ct_dir)
     name = ct_dir.name
-    lungs = segment_lungs(ct)
+    lungs = segment_lungs(ct, LungsConfig(method="classical"))
     lung = lungs.mask()
     dense = DensityLesionDetector(LesionsConfig())(ct, lungs).array > 0
     sp = ct.spacing
