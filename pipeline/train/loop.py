@@ -268,15 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     start, best = 0, -1.0
     last = run / "last.pt"
     if resume and last.is_file():
-        ck = torch.load(last, map_location=device, weights_only=False)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sched.total_steps = total  # resuming with more epochs extends the schedule
-        start, best, history = ck["epoch"], ck["best"], ck["history"]
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        log.info("resumed from %s at epoch %d (best validation Dice %.3f)", last, start, best)
+        start, best, history = restore_checkpoint(last, net, opt, sched, rng, total, device)
     spec = spec_from_config(cfg)
     for epoch in range(start, cfg.epochs):
         net.train()
@@ -306,15 +298,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         improved = epoch + 1 > cfg.epochs // 4 and scores["val_dice_lesion"] > best
         if improved:
             best = scores["val_dice_lesion"]
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
-                 "history": history, "rng": rng.bit_generator.state,
-                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg), "splits": splits}
-        torch.save(state, run / "last.tmp")
-        (run / "last.tmp").replace(last)
-        if improved:
-            torch.save(state, run / "best.pt")
-        (run / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        save_checkpoint(run, net, opt, sched, rng, epoch + 1, best, history, asdict(cfg),
+                        splits, improved)
         log.info("epoch %d: loss %.3f, validation Dice lesion %.3f (GGO %.3f, consolidation "
                  "%.3f)%s, %.0f s", epoch + 1, row["loss"], scores["val_dice_lesion"],
                  scores["val_dice_ggo"], scores["val_dice_consolidation"],
@@ -349,6 +334,42 @@ def lesion_loss(logits: Any, y: Any, dice_loss: Any, weights: Any, union: bool =
     inter = (lesion_p * lesion_t * valid).sum()
     den = ((lesion_p + lesion_t) * valid).sum()
     return loss + 1.0 - (2.0 * inter + 1e-5) / (den + 1e-5)
+
+
+def restore_checkpoint(last: Path, net: Any, opt: Any, sched: Any, rng: np.random.Generator,
+                       total: int, device: Any) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load ``last.pt`` into the network, optimiser, schedule and random generators; returns
+    (epochs done, best validation score, history).  A changed epoch count extends (or
+    shortens) the schedule."""
+    import torch
+
+    ck = torch.load(last, map_location=device, weights_only=False)
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    sched.total_steps = total
+    rng.bit_generator.state = ck["rng"]
+    torch.set_rng_state(ck["torch_rng"])
+    log.info("resumed from %s at epoch %d (best validation score %.4f)", last, ck["epoch"],
+             ck["best"])
+    return int(ck["epoch"]), float(ck["best"]), list(ck["history"])
+
+
+def save_checkpoint(run: Path, net: Any, opt: Any, sched: Any, rng: np.random.Generator,
+                    epoch: int, best: float, history: list[dict[str, Any]],
+                    config: dict[str, Any], splits: Any, improved: bool) -> None:
+    """``last.pt`` (atomically), ``best.pt`` where ``improved``, and ``history.json``."""
+    import torch
+
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+             "history": history, "rng": rng.bit_generator.state,
+             "torch_rng": torch.get_rng_state(), "config": config, "splits": splits}
+    torch.save(state, run / "last.tmp")
+    (run / "last.tmp").replace(run / "last.pt")
+    if improved:
+        torch.save(state, run / "best.pt")
+    (run / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
 
 
 def prepare_val(ds: Dataset, ids: list[str]) -> list[Any]:

@@ -245,7 +245,7 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
     from monai.utils import set_determinism
     from tqdm import tqdm
 
-    from .loop import torch_predictor
+    from .loop import restore_checkpoint, save_checkpoint, torch_predictor
 
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -275,15 +275,7 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
     start, best = 0, -1.0
     last = run / "last.pt"
     if resume and last.is_file():
-        ck = torch.load(last, map_location=device, weights_only=False)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sched.total_steps = total
-        start, best, history = ck["epoch"], ck["best"], ck["history"]
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        log.info("resumed from %s at epoch %d (best validation Dice %.4f)", last, start, best)
+        start, best, history = restore_checkpoint(last, net, opt, sched, rng, total, device)
     empty = np.zeros((SIZE, SIZE), np.uint8)
     for epoch in range(start, cfg.epochs):
         net.train()
@@ -327,15 +319,8 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
         history.append(row)
         improved = score > best
         best = max(best, score)
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
-                 "history": history, "rng": rng.bit_generator.state,
-                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg), "splits": splits}
-        torch.save(state, run / "last.tmp")
-        (run / "last.tmp").replace(last)
-        if improved:
-            torch.save(state, run / "best.pt")
-        (run / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        save_checkpoint(run, net, opt, sched, rng, epoch + 1, best, history, asdict(cfg),
+                        splits, improved)
         log.info("epoch %d: loss %.4f, validation lung Dice %.4f%s, %.0f s", epoch + 1,
                  row["loss"], score, " *best*" if improved else "", row["seconds"])
     return run
