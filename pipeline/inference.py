@@ -379,6 +379,10 @@ class OnnxLesionDetector:
             raise ModelError(f"model {self.spec.name}: expected a 3-label lesions model, got "
                              f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
         self.predictor = OnnxPredictor(self.spec, config.threads, config.providers)
+        if self.spec.input == "ma20":
+            from . import representation
+
+            representation.load()
         self.batch = max(1, config.batch_slices)
         self.name = self.spec.name
         self.version = self.spec.version

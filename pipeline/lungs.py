@@ -682,6 +682,9 @@ class LearnedLungSegmenter:
         self.predictor = OnnxPredictor(self.spec, config.threads, config.providers)
         self.name = self.spec.name
         self.version = self.spec.version
+        from . import representation
+
+        representation.load()
         self.cross = (ClassicalLungSegmenter(replace(
             config, working_spacing_mm=config.cross_check_spacing_mm, qa_min_total_ml=0.0,
             min_lung_volume_ml=0.0)) if config.cross_check else None)

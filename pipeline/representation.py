@@ -47,6 +47,12 @@ def _cv2() -> Any:
     return cv2
 
 
+def load() -> None:
+    """Import OpenCV now: a stage that will make model input calls this when it is built, so
+    the library is loaded before a worker caps its memory (an import under the cap fails)."""
+    _cv2()
+
+
 def canonical_inplane(direction: npt.NDArray[np.float64]) -> tuple[bool, bool, bool]:
     """(transpose, flip rows, flip columns) that bring a slice's (rows, columns) to the
     canonical display: rows towards +P (posterior), columns towards +L (patient left).
