@@ -95,7 +95,8 @@ def test_time_and_memory_limits_stop_the_study_not_the_batch(
     limit: dict[str, float], code: str,
 ) -> None:
     archive, _ = prepare(source, tmp_path)
-    config = _site(tmp_path, {"batch": limit})
+    # the default (learned) lungs: their libraries must load before the worker's memory cap
+    config = _site(tmp_path, {"batch": limit, "lungs": {"method": "model"}})
     rc, summary = _run(archive, config, capsys, "--workers", "1")
     assert rc == 0
     assert summary["reasons"] == {code: 2, "slice-too-thick:5.0mm": 1}
