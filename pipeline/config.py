@@ -377,18 +377,20 @@ class LungTrainConfig:
 
 
 def load_lung_train_config(path: str | Path | None = None) -> LungTrainConfig:
-    if path is None:
-        return LungTrainConfig()
-    p = Path(path)
-    return from_mapping(LungTrainConfig, _read_yaml(p), where=p.name)
+    """The lung model's training defaults, overridden by the YAML file at ``path``."""
+    return _load_dataclass(LungTrainConfig, path)
 
 
 def load_train_config(path: str | Path | None = None) -> TrainConfig:
     """The embedded training defaults, overridden by the YAML file at ``path`` where given."""
+    return _load_dataclass(TrainConfig, path)
+
+
+def _load_dataclass(cls: type[T], path: str | Path | None) -> T:
     if path is None:
-        return TrainConfig()
+        return cls()
     p = Path(path)
-    return from_mapping(TrainConfig, _read_yaml(p), where=p.name)
+    return from_mapping(cls, _read_yaml(p), where=p.name)
 
 
 def _read_yaml(p: Path) -> Any:
