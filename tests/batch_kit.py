@@ -29,9 +29,8 @@ from pipeline.worklist import Worklist
 SHAPE = (80, 112, 112)
 SPACING = (3.75, 3.2, 3.2)
 # The batch's state machine, kills and limits are tested with the classical lung segmenter
-# (no weights, one method instead of a model plus its cross-check): what is tested here is the
-# batch, and the learned default is tested end to end elsewhere (test_end_to_end, test_pacs,
-# and the memory-limit test, which runs the default).
+# (no weights, one method instead of a model plus its cross-check), whatever the default: what
+# is tested here is the batch (the memory-limit test also runs the learned lungs).
 SITE_CONFIG = ("selection: {max_slice_thickness_mm: 4.0}\nbatch: {disk_reserve_mb: 0}\n"
                "lungs: {method: classical}\n")
 N_STUDIES = 10

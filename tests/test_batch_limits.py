@@ -95,7 +95,7 @@ def test_time_and_memory_limits_stop_the_study_not_the_batch(
     limit: dict[str, float], code: str,
 ) -> None:
     archive, _ = prepare(source, tmp_path)
-    # the default (learned) lungs: their libraries must load before the worker's memory cap
+    # the learned lungs: their libraries must load before the worker's memory cap
     config = _site(tmp_path, {"batch": limit, "lungs": {"method": "model"}})
     rc, summary = _run(archive, config, capsys, "--workers", "1")
     assert rc == 0
