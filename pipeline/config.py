@@ -141,8 +141,8 @@ class LesionsConfig:
     # onnxruntime has it (onnxruntime-gpu), then CPU
     providers: tuple[str, ...] = ()
     batch_slices: int = 16  # axial slices per onnxruntime call
-    # an "ma20"-input model runs on slices about this far apart in a stack (probabilities
-    # interpolated in between); 0: the model.yaml value
+    # in a stack the model runs on slices about this far apart (probabilities interpolated
+    # in between; a speed / z-resolution trade-off of serving); 0: the model.yaml value
     z_step_mm: float = 3.0
     max_reported_findings: int = 20  # the largest N are reported one by one
     # Study-level call, the RSNA category (pipeline/lesions.py, rsna_category). Shares are
@@ -321,7 +321,7 @@ class TrainConfig:
     # "hu-window": clip to hu_window and scale; "ma20": the recipe of
     # pipeline/representation.py on the lung crop (spacing_mm and hu_window then unused)
     input: str = "hu-window"
-    z_step_mm: float = 0.0  # "ma20": in a stack the model runs on slices this far apart
+    z_step_mm: float = 0.0  # in a stack the model runs on slices this far apart (0: all)
     spacing_mm: float = 1.5  # in-plane pixel size the model sees
     hu_window: tuple[float, float] = (-1100.0, 300.0)  # clipped, then scaled to 0..1
     margin_mm: float = 10.0  # around the lungs' bounding box at inference
@@ -357,8 +357,10 @@ class LungTrainConfig:
     negatives_from: tuple[str, ...] = ("../shared/data/chest-ct/lidc-idri-0314",)
     out: str = "work/train-lungs"
     name: str = "ctscreen-lungs-unet2d"
-    version: str = "1.0.0"
-    seed: int = 0
+    version: str = "1.1.0"
+    # the split of the ma20 patients (split_groups) is drawn by this seed; the lesion
+    # dataset's ma20 cases keep the same split (data import --ma20)
+    seed: int = 1
     test_groups: int = 2  # coronacases volumes held out for testing
     val_groups: int = 1  # ... and for validation
     size: int = 128  # the network's in-plane grid (the 256 recipe image, area-averaged)
@@ -372,6 +374,11 @@ class LungTrainConfig:
     negative_fraction: float = 0.12  # share of samples drawn from the negatives
     infection_weight: float = 6.0  # infected lung pixels weigh 1 + this in the cross-entropy
     dense_fraction: float = 0.5  # share of ma20 samples given synthetic dense lung
+    # background within boundary_px network pixels of the lung (the chest wall, the liver dome,
+    # the paravertebral muscle: where a model that keeps dense lung over-reaches) weighs
+    # 1 + boundary_weight
+    boundary_weight: float = 0.0
+    boundary_px: int = 6
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: all cores
 

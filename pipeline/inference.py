@@ -340,18 +340,40 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
         out = _segment_ma20(hu, spacing_rc, region, predictor, spec, batch, slice_mm,
                             intensity, ks, (slice(r0, r1), slice(c0, c1)))
     else:
-        if intensity != "hu":
+        if intensity == "ma20":  # recipe images: approximate HU through two anchors
+            from .representation import ma20_pseudo_hu
+
+            hu = ma20_pseudo_hu(np.asarray(hu), region)
+        elif intensity != "hu":
             raise ModelError(f"model {spec.name} reads HU; this case holds {intensity} images")
         grid = model_grid(crop_shape, spacing_rc, spec.spacing_mm)
         pad_value = float(normalise(np.array([-1000.0]), spec.hu_window)[0])
-        for k0 in range(ks.start, ks.stop, batch):
-            k1 = min(ks.stop, k0 + batch)
-            x = normalise(resize_slices(np.asarray(hu[k0:k1, r0:r1, c0:c1], np.float32), grid,
+        # in a stack the model runs on slices about z_step_mm apart (always the first and
+        # the last of the lungs' box); probabilities are interpolated linearly in between
+        step = max(1, round(spec.z_step_mm / slice_mm)) if slice_mm and spec.z_step_mm > 0 else 1
+        run = sorted(set(range(ks.start, ks.stop, step)) | {ks.stop - 1})
+        parts = []
+        for i in range(0, len(run), batch):
+            kk = run[i:i + batch]
+            x = normalise(resize_slices(np.asarray(hu[kk, r0:r1, c0:c1], np.float32), grid,
                                         1), spec.hu_window)
             xp = _pad_to(x, spec.pad_multiple, pad_value)[:, None]
-            logits = predictor(xp)[:, :, : grid[0], : grid[1]]
-            probs = resize_slices(softmax(logits), crop_shape, 1)
-            out[k0:k1, r0:r1, c0:c1] = np.argmax(probs, axis=1).astype(np.uint8)
+            parts.append(softmax(predictor(xp)[:, :, : grid[0], : grid[1]]))
+        probs = np.concatenate(parts)
+        j = np.searchsorted(run, np.arange(ks.start, ks.stop))  # run[j-1] < k <= run[j]
+        for k0 in range(ks.start, ks.stop, batch):
+            k1 = min(ks.stop, k0 + batch)
+            sel = []
+            for k in range(k0, k1):
+                jj = int(j[k - ks.start])
+                if run[jj] == k:
+                    sel.append(probs[jj])
+                else:
+                    a, b = run[jj - 1], run[jj]
+                    t = np.float32((k - a) / (b - a))
+                    sel.append(probs[jj - 1] * (1 - t) + probs[jj] * t)
+            up = resize_slices(np.stack(sel), crop_shape, 1)
+            out[k0:k1, r0:r1, c0:c1] = np.argmax(up, axis=1).astype(np.uint8)
     # labels exist only in the box: the clean-up runs there (the same result, less work)
     box = (ks, slice(r0, r1), slice(c0, c1))
     sub = np.where(region[box], out[box], 0).astype(np.uint8)

@@ -810,6 +810,8 @@ def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig,
     at least ``min_aerated_fraction`` of it is aerated (below ``air_threshold_hu`` on the
     CT): a piece of solid tissue alone (bowel, liver, a neck) is not a lung."""
     out = np.zeros(mask.shape, dtype=np.uint8)
+    hu = _hu_at(mask, ct, to_index)
+    mask = mask & (hu > -2000.0)  # outside the body (see _hu_at) is never lung
     lab, n = ndi.label(mask)
     if n == 0:
         return out
@@ -818,11 +820,7 @@ def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig,
     big = [i for i in np.argsort(sizes)[::-1] if sizes[i] * grid.voxel_ml >= cfg.min_component_ml]
     keep = []
     for i in big:
-        pts = np.argwhere(lab == i)[:: max(1, int(sizes[i]) // 20000)]
-        idx = np.c_[pts, np.ones(len(pts))] @ to_index[:3].T
-        kk, rr, cc = (np.clip(np.rint(idx[:, a]), 0, ct.shape[a] - 1).astype(np.intp)
-                      for a in range(3))
-        aerated = float(np.mean(ct.array[kk, rr, cc] < cfg.air_threshold_hu))
+        aerated = float(np.mean(hu[lab == i] < cfg.air_threshold_hu))
         if aerated >= cfg.min_aerated_fraction:
             keep.append(i)
         else:
@@ -839,6 +837,38 @@ def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig,
             out[part & (out == 0)] = LUNG_LABELS[side]
     fill_holes_per_slice(out)
     return out
+
+
+def _hu_at(mask: BoolArray, ct: Volume, to_index: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """The CT's HU (nearest voxel) at each voxel of ``mask`` on the network's grid, -3000
+    where that voxel lies outside the body (the air connected to the image border, per slice,
+    found on every 4th CT pixel), 0 off the mask."""
+    out = np.zeros(mask.shape, dtype=np.float32)
+    pts = np.argwhere(mask)
+    if pts.size == 0:
+        return out
+    idx = np.c_[pts, np.ones(len(pts))] @ to_index[:3].T
+    kk, rr, cc = (np.clip(np.rint(idx[:, a]), 0, ct.shape[a] - 1).astype(np.intp)
+                  for a in range(3))
+    vals = ct.array[kk, rr, cc].astype(np.float32)
+    outside = np.zeros(len(pts), dtype=bool)
+    for k in np.unique(kk):
+        sel = kk == k
+        body = _body_slice(ct.array[k, ::4, ::4])
+        outside[sel] = ~body[rr[sel] // 4, cc[sel] // 4]
+    vals[outside] = -3000.0
+    out[tuple(pts.T)] = vals
+    return out
+
+
+def _body_slice(hu: npt.NDArray[np.floating]) -> BoolArray:
+    """One slice's body: everything not reached from the image border through air (below
+    -500 HU), one pixel wider (a lung never touches the skin)."""
+    air = hu < -500
+    lab, _ = ndi.label(air)
+    edge = np.unique(np.r_[lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    outside = np.isin(lab, edge[edge > 0])
+    return np.asarray(~ndi.binary_erosion(outside, iterations=1, border_value=1))
 
 
 def fill_holes_per_slice(labels: npt.NDArray[np.uint8]) -> None:

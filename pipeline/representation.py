@@ -190,3 +190,25 @@ def square_to_slice(a: npt.NDArray[Any], shape_c: tuple[int, int],
     side, r0, c0 = square_pad(shape_c)
     sq = resize2d(np.ascontiguousarray(a), (side, side), linear=linear)
     return sq[r0:r0 + shape_c[0], c0:c0 + shape_c[1]]
+
+
+def ma20_pseudo_hu(images: npt.NDArray[Any], lungs: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+    """Approximate HU for 8-bit recipe images (K, H, W) whose lung region is known, for a
+    model that reads HU (a window): per slice, a linear map through two anchors, as the
+    semiseg import does for its windowed slices: the 30th percentile of the lung region
+    (aerated lung, even in a slice half filled with lesion) -> -860 HU, and the median of the
+    bright tissue outside it (above 40% of the way from that anchor to 255) -> 40 HU.  CLAHE
+    is local, so this is an approximation; training augments intensity around it.  A slice
+    without lung region keeps the map of the nearest anchors used (or a fixed default)."""
+    out = np.empty(images.shape, dtype=np.float32)
+    lo, hi = 45.0, 175.0  # typical anchors of the ma20 data, used where a slice has no lung
+    for k in range(images.shape[0]):
+        im = images[k].astype(np.float32)
+        reg = lungs[k]
+        if reg.any():
+            lo = float(np.percentile(im[reg], 30))
+            soft = im[~reg & (im > lo + 0.4 * (255.0 - lo))]
+            if soft.size:
+                hi = max(lo + 30.0, float(np.median(soft)))
+        out[k] = -860.0 + (im - lo) * (900.0 / (hi - lo))
+    return out

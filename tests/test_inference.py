@@ -67,6 +67,27 @@ def test_segment_slices_resamples_crops_and_restricts() -> None:
     assert not segment_slices(small, (0.75, 0.75), None, _threshold_model, _spec()).any()
 
 
+def test_a_stack_runs_on_slices_z_step_apart_and_interpolates() -> None:
+    """In a stack, the model sees slices about z_step_mm apart (the first and last of the
+    region always); a lesion spanning several slices is labelled on all of them."""
+    hu = np.full((13, 64, 64), -850.0, np.float32)
+    hu[3:10, 20:40, 20:40] = -500.0  # a lesion over 7 slices of 1 mm
+    region = np.ones(hu.shape, bool)
+    seen: list[int] = []
+
+    def counting(x: np.ndarray) -> np.ndarray:
+        seen.append(x.shape[0])
+        return _threshold_model(x)
+
+    every = segment_slices(hu, (1.0, 1.0), region, _threshold_model, _spec(), batch=4)
+    out = segment_slices(hu, (1.0, 1.0), region, counting, _spec(z_step_mm=3.0), batch=4,
+                         slice_mm=1.0)
+    assert sum(seen) == 5  # slices 0, 3, 6, 9, 12
+    inner = (slice(4, 9), slice(24, 36), slice(24, 36))
+    assert (out[inner] == 1).all() and (every[inner] == 1).all()
+    assert not out[0].any() and not out[12].any()
+
+
 def test_resize_is_exact_and_model_grid() -> None:
     a = np.random.default_rng(0).random((2, 37, 53)).astype(np.float32)
     assert resize_slices(a, (61, 29), 1).shape == (2, 61, 29)

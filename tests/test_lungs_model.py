@@ -206,3 +206,54 @@ def test_phantom_lobar_consolidation_stays_in_its_lung(orient) -> None:  # type:
     alone = LearnedLungSegmenter(LungsConfig(method="model", model=str(MODEL),
                                              cross_check=False))(ct)
     assert np.count_nonzero(cons & alone.mask(Side.RIGHT)) / np.count_nonzero(cons) < frac
+
+
+def test_body_excludes_the_air_around_the_patient_not_the_lungs() -> None:
+    from pipeline.lungs import _body_slice
+
+    rr, cc = np.mgrid[:128, :128]
+    hu = np.full((128, 128), -1000.0)
+    body = ((rr - 64) / 50.0) ** 2 + ((cc - 64) / 58.0) ** 2 <= 1
+    hu[body] = 40.0
+    lung = ((rr - 60) / 25.0) ** 2 + ((cc - 40) / 12.0) ** 2 <= 1
+    hu[lung] = -850.0
+    got = _body_slice(hu)
+    assert got[lung].all()  # the lung is inside the body
+    assert not got[~ndi_dilate(body, 2)].any()  # the air around it is not
+    assert not got[5, 5] and not got[120, 64]
+
+
+def ndi_dilate(m: npt.NDArray[np.bool_], n: int) -> npt.NDArray[np.bool_]:
+    from scipy import ndimage as ndi
+
+    return np.asarray(ndi.binary_dilation(m, iterations=n))
+
+
+@needs_model
+def test_model_lung_never_lies_outside_the_body() -> None:
+    """The phantom's air around the body (its table gap included) is never lung."""
+    from pipeline.lungs import _body_slice
+
+    ct, _ = render(PhantomSpec(), make_grid(SHAPE, SPACING, "axial"), SHAPE)
+    lab = LearnedLungSegmenter(LungsConfig(method="model", model=str(MODEL),
+                                           cross_check=False))(ct).labels.array
+    assert lab.any()
+    for k in range(0, SHAPE[0], 5):
+        body = _body_slice(ct.array[k])
+        assert not (lab[k] > 0)[~body].any(), k
+
+
+def test_pseudo_hu_maps_lung_and_soft_tissue_anchors() -> None:
+    from pipeline.representation import ma20_pseudo_hu
+
+    img = np.full((1, 64, 64), 10, np.uint8)  # outside the body
+    img[0, 8:56, 8:56] = 180  # soft tissue
+    img[0, 16:48, 12:30] = 50  # lung
+    img[0, 40:48, 12:30] = 120  # a lesion in the lung's lower part
+    lung = np.zeros((1, 64, 64), bool)
+    lung[0, 16:48, 12:30] = True
+    hu = ma20_pseudo_hu(img, lung)
+    assert hu[0, 20, 20] == pytest.approx(-860.0, abs=1.0)
+    assert hu[0, 10, 40] == pytest.approx(40.0, abs=1.0)
+    assert -860.0 < hu[0, 44, 20] < 40.0  # the lesion lies between lung and soft tissue
+    assert hu[0, 0, 0] < -900.0  # air

@@ -58,10 +58,15 @@ def test_tiny_lung_training_resumes_exports_and_serves(tmp_path: Path) -> None:
     data = _ma20_folder(tmp_path / "ma20")
     cfg = LungTrainConfig(ma20=str(data), negatives_from=(), out=str(tmp_path / "run"),
                           size=32, features=(4, 4, 8, 8, 16, 4), batch_size=2, epochs=1,
-                          iterations_per_epoch=2, threads=1, test_groups=1, val_groups=1)
+                          iterations_per_epoch=2, threads=1, test_groups=1, val_groups=1,
+                          boundary_weight=2.0, boundary_px=2)
     run = train(cfg)
     hist = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1] and 0.0 <= hist[0]["val_dice_lung"] <= 1.0
+    # the selection score is the mean of the lung Dice and the infection-inside share
+    h = hist[0]
+    assert 0.0 <= h["val_inside"] <= 1.0
+    assert h["val_score"] == pytest.approx((h["val_dice_lung"] + h["val_inside"]) / 2, abs=1e-3)
     splits = json.loads((run / "splits.json").read_text())
     assert splits == split_groups([f"coronacases-{g:02d}" for g in range(1, 5)], cfg)
     assert not set(splits["test"]) & set(splits["train"] + splits["val"])
@@ -88,3 +93,28 @@ def test_tiny_lung_training_resumes_exports_and_serves(tmp_path: Path) -> None:
         assert masks.labels.array.shape == ct.shape
     except NotAnalysable as e:
         assert e.code == "no-lungs-found"
+
+
+def test_validation_scores_dice_and_the_infection_kept_inside() -> None:
+    from pipeline.train.lungs import validate
+
+    lung = np.zeros((2, 256, 256), np.uint8)
+    lung[:, 60:200, 40:120] = 1
+    inf = np.zeros_like(lung)
+    inf[:, 150:200, 40:120] = 1  # the lower part of the lung is infected
+    data = {"img": np.zeros_like(lung), "lung": lung, "inf": inf}
+
+    def predictor(upper_only: bool):  # type: ignore[no-untyped-def]
+        def run(x: np.ndarray) -> np.ndarray:  # logits (N, 2, S, S) on the network grid
+            s = x.shape[-1]
+            p = np.zeros((x.shape[0], 2, s, s), np.float32)
+            r1 = round((150 if upper_only else 200) * s / 256)
+            p[:, 1, round(60 * s / 256):r1, round(40 * s / 256):round(120 * s / 256)] = 10.0
+            return p
+        return run
+
+    full = validate(predictor(False), data, np.arange(2), 128)
+    part = validate(predictor(True), data, np.arange(2), 128)
+    assert full["val_inside"] > 0.95 and full["val_dice_lung"] > 0.95
+    assert part["val_inside"] < 0.05  # the infected lung left out
+    assert part["val_score"] < full["val_score"]

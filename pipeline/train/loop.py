@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 
 from ..config import TrainConfig
 from ..inference import ModelSpec, model_grid, normalise, resize_slices, segment_slices
-from ..representation import NOMINAL_FIELD_MM, SIZE, crop_input, resize2d
+from ..representation import NOMINAL_FIELD_MM, SIZE, crop_input, ma20_pseudo_hu, resize2d
 from .dataset import IGNORE, LESION_ANY, CaseRecord, Dataset, read_dataset
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,10 @@ def prepare_slices(ds: Dataset, ids: list[str], cfg: TrainConfig, rng: np.random
                                       rec))
             continue
         grid = model_grid((r1 - r0, c1 - c0), rec.spacing_rc, cfg.spacing_mm)
+        src = (ma20_pseudo_hu(case.hu, case.region) if rec.intensity == "ma20"
+               else case.hu)
         for k in sorted(ks + neg):
-            hu = resize_slices(case.hu[k:k + 1, r0:r1, c0:c1].astype(np.float32), grid, 1)[0]
+            hu = resize_slices(src[k:k + 1, r0:r1, c0:c1].astype(np.float32), grid, 1)[0]
             lab = resize_slices(case.label[k:k + 1, r0:r1, c0:c1], grid, 0)[0]
             out.append((hu.astype(np.float32), lab.astype(np.uint8)))
     return out
