@@ -98,6 +98,14 @@ class LungsConfig:
     cross_check_min_dice: float = 0.85
     # the learned mask: a 3-D piece less aerated (below air_threshold_hu) than this is not lung
     min_aerated_fraction: float = 0.05
+    # ... and a piece smaller than small_piece_ml must be at least this aerated
+    small_piece_ml: float = 200.0
+    small_piece_min_aerated_fraction: float = 0.5
+    # a voxel of the learned mask denser than dense_hu (solid tissue: consolidation, or the
+    # liver, muscle, heart next to the lung) is lung only where the model's probability is
+    # at least dense_min_probability (0.5: off); what a lung encloses stays lung
+    dense_hu: float = -300.0
+    dense_min_probability: float = 0.8
     # dense lung (above pleural_min_mean_hu) that the classical cross-check keeps (pleural
     # repair, mirror recovery of a lobar consolidation) and the model does not is added
     dense_from_classical: bool = True

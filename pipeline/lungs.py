@@ -745,7 +745,15 @@ class LearnedLungSegmenter:
         aff = ct.affine @ m
         grid = _Grid(aff, tuple(float(v) for v in np.linalg.norm(aff[:3, :3], axis=0)),  # type: ignore[arg-type]
                      float(abs(np.linalg.det(aff[:3, :3])) / 1000.0))
-        low = _sides(prob >= 0.5, ct, grid, cfg, m)
+        mask = prob >= 0.5
+        hu = _hu_at(mask, ct, m)
+        if cfg.dense_min_probability > 0.5:  # solid tissue needs a confident model
+            weak = mask & (hu > cfg.dense_hu) & (prob < cfg.dense_min_probability)
+            mask &= ~weak
+            prob = np.where(weak, np.float32(0.0), prob)
+        low = _sides(mask, hu, ct, grid, cfg)
+        # what a lung encloses (filled per slice in _sides) is lung on the CT grid too
+        prob = np.where((low > 0) & (prob < 0.5), np.float32(1.0), prob)
         # to the CT grid: per side, the probability where that side's pieces are (one
         # network pixel wider), upsampled bilinearly, >= 0.5
         near = ndi.grey_dilation(low, size=(1, 3, 3))
@@ -803,14 +811,16 @@ class LearnedLungSegmenter:
         return ()
 
 
-def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig,
-           to_index: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+def _sides(mask: BoolArray, hu: npt.NDArray[np.float32], ct: Volume, grid: _Grid,
+           cfg: LungsConfig) -> npt.NDArray[np.uint8]:
     """Lung pieces of a mask on ``grid`` -> LUNG_LABELS by patient geometry (see
     :class:`LearnedLungSegmenter`).  A piece is kept when it holds ``min_component_ml`` and
     at least ``min_aerated_fraction`` of it is aerated (below ``air_threshold_hu`` on the
-    CT): a piece of solid tissue alone (bowel, liver, a neck) is not a lung."""
+    CT): a piece of solid tissue alone (bowel, liver, a neck) is not a lung; a piece under
+    ``small_piece_ml`` must be at least ``small_piece_min_aerated_fraction`` aerated (the
+    stomach with its gas and the organs around it is small and mostly solid; a diseased lung
+    is large)."""
     out = np.zeros(mask.shape, dtype=np.uint8)
-    hu = _hu_at(mask, ct, to_index)
     mask = mask & (hu > -2000.0)  # outside the body (see _hu_at) is never lung
     lab, n = ndi.label(mask)
     if n == 0:
@@ -821,7 +831,9 @@ def _sides(mask: BoolArray, ct: Volume, grid: _Grid, cfg: LungsConfig,
     keep = []
     for i in big:
         aerated = float(np.mean(hu[lab == i] < cfg.air_threshold_hu))
-        if aerated >= cfg.min_aerated_fraction:
+        need = (cfg.small_piece_min_aerated_fraction
+                if sizes[i] * grid.voxel_ml < cfg.small_piece_ml else cfg.min_aerated_fraction)
+        if aerated >= need:
             keep.append(i)
         else:
             log.info("lungs: a %.0f ml piece of the model's mask dropped: %.1f%% aerated",

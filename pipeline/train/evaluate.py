@@ -20,8 +20,10 @@ report with the share of true lesion pixels inside it, overall and per source):
 - other lung-cropped cases (synthetic lesions and negatives cut from a real series, whose
   stored region is that series' lung mask): their stored region.
 
-A case a detector cannot read (the density detector, or a model that reads HU, on an ma20
-case without HU) is left out with its reason logged and counted (``cases_not_applicable``).
+A case a detector cannot read (the density detector on an ma20 case without HU) is left out
+with its reason logged and counted (``cases_not_applicable``).  A model that reads a HU
+window gets an ma20 case through approximate HU anchored in the region
+(:func:`~pipeline.representation.ma20_pseudo_hu`).
 
 Figures:
 
@@ -444,7 +446,9 @@ def lesion_detector(model: str, config: LesionsConfig | None = None,
     if spec.task != "lesions":
         raise EvaluationError(f"{model}: expected a lesions model, got task {spec.task!r} "
                               f"(a lung model is evaluated with --task lungs)")
-    reads = ("hu", "ma20") if spec.input == "ma20" else ("hu",)
+    # every model reads ma20 recipe images: an "ma20" model as they are, a HU-window model
+    # through approximate HU (pipeline.representation.ma20_pseudo_hu, anchored in the region)
+    reads = ("hu", "ma20")
     return Detector(f"{spec.name} {spec.version}", predict, reads, (spec,))
 
 
