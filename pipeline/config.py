@@ -83,7 +83,7 @@ class VolumeConfig:
 class LungsConfig:
     # "model": the learned segmenter (ONNX Runtime, folder ``model``); "classical": the
     # threshold method below, which also serves as the model's cross-check
-    method: str = "classical"
+    method: str = "model"
     model: str = "models/ctscreen-lungs-unet2d"
     threads: int = 2  # onnxruntime intra-op threads (the model)
     providers: tuple[str, ...] = ()  # onnxruntime providers; empty: CUDA where present, CPU

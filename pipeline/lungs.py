@@ -851,7 +851,8 @@ def _sides(mask: BoolArray, hu: npt.NDArray[np.float32], ct: Volume, grid: _Grid
     return out
 
 
-def _hu_at(mask: BoolArray, ct: Volume, to_index: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+def _hu_at(mask: BoolArray, ct: Volume,
+           to_index: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     """The CT's HU (nearest voxel) at each voxel of ``mask`` on the network's grid, -3000
     where that voxel lies outside the body (the air connected to the image border, per slice,
     found on every 4th CT pixel), 0 off the mask."""

@@ -192,7 +192,8 @@ def square_to_slice(a: npt.NDArray[Any], shape_c: tuple[int, int],
     return sq[r0:r0 + shape_c[0], c0:c0 + shape_c[1]]
 
 
-def ma20_pseudo_hu(images: npt.NDArray[Any], lungs: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+def ma20_pseudo_hu(images: npt.NDArray[Any],
+                   lungs: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
     """Approximate HU for 8-bit recipe images (K, H, W) whose lung region is known, for a
     model that reads HU (a window): per slice, a linear map through two anchors, as the
     semiseg import does for its windowed slices: the 30th percentile of the lung region

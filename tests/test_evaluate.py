@@ -390,8 +390,18 @@ def test_cli_lung_task_on_ma20(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["evaluate", "--task", "lungs", "classical", str(tmp_path / "ma20")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ctscreen:")]
     assert len(err) == 1 and "needs HU" in err[0]
-    # 'default' is the configured lungs (classical in the embedded defaults)
-    assert main(["evaluate", "--task", "lungs", "default", str(tmp_path / "ma20")]) == 2
+    # 'default' is the configured lungs: a site configuration naming the classical method
+    # is refused here as 'classical' is; its lung model runs
+    site = tmp_path / "site.yaml"
+    site.write_text("lungs: {method: classical}\n")
+    assert main(["evaluate", "--task", "lungs", "default", str(tmp_path / "ma20"),
+                 "--config", str(site)]) == 2
+    site.write_text(f"lungs: {{method: model, model: {lungs}}}\n")
+    assert main(["evaluate", "--task", "lungs", "default", str(tmp_path / "ma20"),
+                 "--config", str(site), "--bootstrap", "50", "--out",
+                 str(tmp_path / "rep2")]) == 0
+    rep2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
+    assert rep2["per_case"] == rep["per_case"]
 
 
 def test_lung_model_without_fingerprints_leaves_out_its_split_by_name(tmp_path: Path) -> None:
