@@ -280,6 +280,33 @@ def _ma20_crop_probs(hu: npt.NDArray[Any], ks: list[int], box: tuple[slice, slic
     return np.concatenate(out)
 
 
+def _upsampled_argmax(probs: npt.NDArray[np.float32], run: list[int], ks: range,
+                      region: npt.NDArray[np.bool_],
+                      crop_shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """Arg-max labels (K, *crop_shape) of every slice of ``ks`` (whole stack, K = its size)
+    from class probabilities (len(run), C, h, w) computed on the slices ``run``: linear
+    interpolation between them, bilinear upsampling (pixel edges aligned, OpenCV), slices
+    without region left 0."""
+    import cv2
+
+    out = np.zeros((region.shape[0], *crop_shape), dtype=np.uint8)
+    pos = {k: i for i, k in enumerate(run)}
+    for k in ks:
+        if not region[k].any():
+            continue
+        if k in pos:
+            p = probs[pos[k]]
+        else:
+            j = int(np.searchsorted(run, k))
+            a, b = run[j - 1], run[j]
+            t = np.float32((k - a) / (b - a))
+            p = probs[j - 1] * (1 - t) + probs[j] * t
+        hwc = np.ascontiguousarray(np.moveaxis(p, 0, -1))
+        up = cv2.resize(hwc, (crop_shape[1], crop_shape[0]), interpolation=cv2.INTER_LINEAR)
+        out[k] = np.argmax(up.reshape(*crop_shape, -1), axis=-1)
+    return out
+
+
 def _segment_ma20(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
                   region: npt.NDArray[np.bool_], predictor: Predictor, spec: ModelSpec,
                   batch: int, slice_mm: float | None, intensity: str,
@@ -360,20 +387,8 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
             xp = _pad_to(x, spec.pad_multiple, pad_value)[:, None]
             parts.append(softmax(predictor(xp)[:, :, : grid[0], : grid[1]]))
         probs = np.concatenate(parts)
-        j = np.searchsorted(run, np.arange(ks.start, ks.stop))  # run[j-1] < k <= run[j]
-        for k0 in range(ks.start, ks.stop, batch):
-            k1 = min(ks.stop, k0 + batch)
-            sel = []
-            for k in range(k0, k1):
-                jj = int(j[k - ks.start])
-                if run[jj] == k:
-                    sel.append(probs[jj])
-                else:
-                    a, b = run[jj - 1], run[jj]
-                    t = np.float32((k - a) / (b - a))
-                    sel.append(probs[jj - 1] * (1 - t) + probs[jj] * t)
-            up = resize_slices(np.stack(sel), crop_shape, 1)
-            out[k0:k1, r0:r1, c0:c1] = np.argmax(up, axis=1).astype(np.uint8)
+        out[:, r0:r1, c0:c1] = _upsampled_argmax(probs, run, range(ks.start, ks.stop),
+                                                  region, crop_shape)
     # labels exist only in the box: the clean-up runs there (the same result, less work)
     box = (ks, slice(r0, r1), slice(c0, c1))
     sub = np.where(region[box], out[box], 0).astype(np.uint8)
@@ -401,10 +416,9 @@ class OnnxLesionDetector:
             raise ModelError(f"model {self.spec.name}: expected a 3-label lesions model, got "
                              f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
         self.predictor = OnnxPredictor(self.spec, config.threads, config.providers)
-        if self.spec.input == "ma20":
-            from . import representation
+        from . import representation
 
-            representation.load()
+        representation.load()  # OpenCV (upsampling), imported before a worker caps memory
         self.batch = max(1, config.batch_slices)
         self.name = self.spec.name
         self.version = self.spec.version
