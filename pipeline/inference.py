@@ -314,30 +314,20 @@ def _segment_ma20(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
     """Arg-max labels of an "ma20"-input model on the crop ``box`` of slices ``ks``; in a
     stack (``slice_mm``) the model runs on slices about ``z_step_mm`` apart and the
     probabilities are interpolated linearly in between."""
-    import cv2
-
     out = np.zeros(hu.shape, dtype=np.uint8)
-    step = 1
-    if slice_mm and spec.z_step_mm > 0:
-        step = max(1, round(spec.z_step_mm / slice_mm))
-    run = sorted(set(range(ks.start, ks.stop, step)) | {ks.stop - 1})
+    run = _run_slices(ks, spec, slice_mm)
     probs = _ma20_crop_probs(hu, run, box, spacing_rc, intensity, predictor, spec, batch)
     crop_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
-    pos = {k: i for i, k in enumerate(run)}
-    for k in range(ks.start, ks.stop):
-        if k in pos:
-            p = probs[pos[k]]
-        else:
-            j = int(np.searchsorted(run, k))
-            a, b = run[j - 1], run[j]
-            t = np.float32((k - a) / (b - a))
-            p = probs[j - 1] * (1 - t) + probs[j] * t
-        if not region[k].any():
-            continue
-        hwc = np.ascontiguousarray(np.moveaxis(p, 0, -1))
-        up = cv2.resize(hwc, (crop_shape[1], crop_shape[0]), interpolation=cv2.INTER_LINEAR)
-        out[k, box[0], box[1]] = np.argmax(up.reshape(*crop_shape, -1), axis=-1)
+    out[:, box[0], box[1]] = _upsampled_argmax(probs, run, range(ks.start, ks.stop), region,
+                                               crop_shape)
     return out
+
+
+def _run_slices(ks: slice, spec: ModelSpec, slice_mm: float | None) -> list[int]:
+    """The slices of ``ks`` a model runs on: in a stack (``slice_mm``) about ``z_step_mm``
+    apart, always the first and the last; otherwise all."""
+    step = max(1, round(spec.z_step_mm / slice_mm)) if slice_mm and spec.z_step_mm > 0 else 1
+    return sorted(set(range(ks.start, ks.stop, step)) | {ks.stop - 1})
 
 
 def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
@@ -377,8 +367,7 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
         pad_value = float(normalise(np.array([-1000.0]), spec.hu_window)[0])
         # in a stack the model runs on slices about z_step_mm apart (always the first and
         # the last of the lungs' box); probabilities are interpolated linearly in between
-        step = max(1, round(spec.z_step_mm / slice_mm)) if slice_mm and spec.z_step_mm > 0 else 1
-        run = sorted(set(range(ks.start, ks.stop, step)) | {ks.stop - 1})
+        run = _run_slices(ks, spec, slice_mm)
         parts = []
         for i in range(0, len(run), batch):
             kk = run[i:i + batch]
