@@ -383,6 +383,10 @@ def test_cli_lung_task_on_ma20(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert lo == pytest.approx(round(a, 4)) and hi == 1.0  # two cases: a resample is one of them
     assert rep["cases_left_out_as_seen"] == 1
     assert rep["left_out"][0]["id"] == "ma20-coronacases-03"
+    # half of case 01's infection lies outside what the lung model finds; 02 has none
+    assert rep["metrics"]["lesion_inside"]["value"] == pytest.approx(0.5)
+    assert {c["id"]: c["lesion_inside"] for c in rep["per_case"]} == {
+        "ma20-coronacases-01": pytest.approx(0.5), "ma20-coronacases-02": None}
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| Lung Dice, pooled over pixels |" in md and "ma20-coronacases-03" in md
     # the classical segmenter cannot run on images without HU: refused in one line

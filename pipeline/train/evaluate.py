@@ -44,8 +44,9 @@ Figures:
   AUC) is skipped for that figure.
 
 **Lungs** (``ctscreen evaluate --task lungs MODEL|classical|default DATA``): lung Dice per
-case and pooled over pixels, with the mean of the cases' Dice, each with a 95% bootstrap
-interval over cases.  The truth is the annotated lung mask of the ma20 layout (its stored
+case and pooled over pixels, with the mean of the cases' Dice, and the share of the true
+lesion (infection) pixels inside the predicted lung, each with a 95% bootstrap interval over
+cases.  The truth is the annotated lung mask of the ma20 layout (its stored
 region); other cases carry no lung truth and are not scored.  A learned model runs on the
 ma20 recipe images (:meth:`~pipeline.lungs.LearnedLungSegmenter.segment_recipe`); the
 classical segmenter needs HU and is refused there.
@@ -567,6 +568,8 @@ class LungCaseStats:
     pred: int
     gt: int
     lungs_found: bool = True
+    lesion_in: int = 0  # true lesion (infection) pixels inside the predicted lung
+    lesion: int = 0  # true lesion pixels
 
     @property
     def dice(self) -> float:
@@ -576,9 +579,11 @@ class LungCaseStats:
 
 def lung_metrics(stats: list[LungCaseStats]) -> dict[str, float]:
     s = sum(c.pred + c.gt for c in stats)
+    les = sum(c.lesion for c in stats)
     return {"dice_pooled": 2.0 * sum(c.inter for c in stats) / s if s else float("nan"),
             "dice_case_mean": float(np.mean([c.dice for c in stats])) if stats
-            else float("nan")}
+            else float("nan"),
+            "lesion_inside": sum(c.lesion_in for c in stats) / les if les else float("nan")}
 
 
 def evaluate_lungs(model: str, dataset: Dataset,
@@ -619,10 +624,12 @@ def evaluate_lungs(model: str, dataset: Dataset,
             log.warning("case %d of %d (source %s): the lung segmenter found no lungs", i + 1,
                         len(records), rec.source)
         truth = case.region
+        les = np.isin(case.label, LESION_VALUES)
         stats.append(LungCaseStats(rec.id, rec.source, int(truth.shape[0]),
                                    int(np.count_nonzero(pred & truth)),
                                    int(np.count_nonzero(pred)), int(np.count_nonzero(truth)),
-                                   found))
+                                   found, int(np.count_nonzero(pred & les)),
+                                   int(np.count_nonzero(les))))
     dt = time.perf_counter() - t0
     return {
         "task": "lungs",
@@ -638,7 +645,9 @@ def evaluate_lungs(model: str, dataset: Dataset,
         "seconds": round(dt, 1),
         "metrics": bootstrap_over(stats, lung_metrics, n_boot),
         "per_case": [{"id": s.id, "source": s.source, "slices": s.slices,
-                      "dice": round(s.dice, 4)} for s in stats],
+                      "dice": round(s.dice, 4),
+                      "lesion_inside": round(s.lesion_in / s.lesion, 4) if s.lesion else None}
+                     for s in stats],
     }
 
 
@@ -659,6 +668,7 @@ LABELS = {
 LUNG_LABELS = {
     "dice_pooled": "Lung Dice, pooled over pixels",
     "dice_case_mean": "Lung Dice, mean of the cases",
+    "lesion_inside": "Share of the true lesion (infection) pixels inside the lung mask",
 }
 
 
@@ -709,8 +719,9 @@ def _lungs_markdown(report: dict[str, Any]) -> str:
         m = report["metrics"][k]
         lo, hi = m["ci95"]
         lines.append(f"| {label} | {_fmt(m['value'])} | {_fmt(lo)} - {_fmt(hi)} |")
-    lines += ["", "| case | slices | lung Dice |", "|---|---|---|"]
-    lines += [f"| {c['id']} | {c['slices']} | {c['dice']:.4f} |" for c in report["per_case"]]
+    lines += ["", "| case | slices | lung Dice | lesion pixels inside |", "|---|---|---|---|"]
+    lines += [f"| {c['id']} | {c['slices']} | {c['dice']:.4f} | {_pct(c.get('lesion_inside'))} |"
+              for c in report["per_case"]]
     return "\n".join(lines) + "\n"
 
 

@@ -450,8 +450,11 @@ def lung_model_card(doc: dict[str, Any]) -> str:
             lo, hi = m.get("ci95", [None, None])
             cases = ", ".join(f"{c['id']} {c['dice']}" for c in rep.get("per_case", [])
                               if isinstance(c, dict) and "id" in c and "dice" in c)
+            inside = rep.get("metrics", {}).get("lesion_inside", {})
+            share = (f"{inside['value']:.1%} ({inside['ci95'][0]:.1%} - {inside['ci95'][1]:.1%})"
+                     if inside.get("value") is not None else "n/a")
             rows.append(f"| {key} | {rep.get('segmenter', '')} | {rep.get('cases', '')} "
-                        f"({cases}) | {m.get('value')} | {lo} - {hi} |")
+                        f"({cases}) | {m.get('value')} | {lo} - {hi} | {share} |")
     return "\n".join([
         f"# Model card: {doc['name']} {doc['version']}", "",
         "## What it does", "",
@@ -477,7 +480,8 @@ def lung_model_card(doc: dict[str, Any]) -> str:
         f"- Training time: {td['seconds']:.0f} s of epochs ({td['epochs']} epochs, "
         f"{td['checkpoint']}) on 2 shared CPU cores.", "",
         "## Evaluation (95% CI, bootstrap over cases)", "",
-        "| data | segmenter | cases | lung Dice, pooled | 95% CI |", "|---|---|---|---|---|",
+        "| data | segmenter | cases | lung Dice, pooled | 95% CI | true infection inside "
+        "(95% CI) |", "|---|---|---|---|---|---|",
         *rows, "",
         *[f"- {n}" for n in doc.get("notes", [])], "",
         "## Limits", "",
