@@ -653,7 +653,11 @@ class LearnedLungSegmenter:
        (:mod:`pipeline.representation`: canonical in-plane orientation, 256 x 256, min-max,
        CLAHE), on slices about ``z_step_mm`` apart (always the first and the last);
     2. lung probabilities on the network's grid are interpolated linearly between those
-       slices; voxels >= 0.5 are lung; 3-D pieces under ``min_component_ml`` are dropped;
+       slices; voxels >= 0.5 are lung, but a voxel denser than ``dense_hu`` only at
+       ``dense_min_probability`` (solid tissue next to the lung: liver dome, chest wall) and
+       never one in the air around the patient; 3-D pieces under ``min_component_ml``, less
+       than ``min_aerated_fraction`` aerated, or under ``small_piece_ml`` and less than
+       ``small_piece_min_aerated_fraction`` aerated are dropped;
     3. right and left are decided by patient geometry: each piece by its LPS x against the
        body's midline (left = larger x); a piece that straddles the midline (lungs joined at
        the junction lines) is split by the classical method's erosion split; per slice, what
