@@ -225,7 +225,10 @@ def test_lung_mask_warnings() -> None:
 
 
 def test_factory() -> None:
-    assert isinstance(segmenter_for(LungsConfig()), ClassicalLungSegmenter)
+    from pipeline.lungs import LearnedLungSegmenter
+
+    assert isinstance(segmenter_for(LungsConfig()), LearnedLungSegmenter)  # the default
+    assert isinstance(segmenter_for(LungsConfig(method="classical")), ClassicalLungSegmenter)
     with pytest.raises(ConfigError, match="expected one of"):
         segmenter_for(LungsConfig(method="unet"))
 

@@ -108,8 +108,11 @@ def test_validation_scores_dice_and_the_infection_kept_inside() -> None:
         def run(x: np.ndarray) -> np.ndarray:  # logits (N, 2, S, S) on the network grid
             s = x.shape[-1]
             p = np.zeros((x.shape[0], 2, s, s), np.float32)
+            p[:, 0] = 10.0  # background everywhere but in the box below
             r1 = round((150 if upper_only else 200) * s / 256)
-            p[:, 1, round(60 * s / 256):r1, round(40 * s / 256):round(120 * s / 256)] = 10.0
+            box = (slice(None), slice(round(60 * s / 256), r1),
+                   slice(round(40 * s / 256), round(120 * s / 256)))
+            p[:, 0][box], p[:, 1][box] = 0.0, 10.0
             return p
         return run
 
