@@ -136,3 +136,15 @@ def test_a_malformed_value_is_dropped_not_raised_later(tmp_path: Path) -> None:
     assert "Rows" not in header  # dropped and logged, so selection sees a missing tag
     (study,) = find_studies(FolderArchive(tmp_path))
     assert study.series[0].first.rows is None
+
+
+def test_a_file_meta_element_of_unknown_vr_is_skipped_as_unreadable(tmp_path: Path) -> None:
+    """Found by the fuzz run: (0002,0002) with a VR pydicom does not know raised
+    NotImplementedError when the folder archive looked up the SOP class."""
+    p = _ct(tmp_path, "a", generate_uid(), generate_uid(), 0)
+    data = bytearray(p.read_bytes())
+    at = data.index(b"\x02\x00\x02\x00UI")  # MediaStorageSOPClassUID, explicit VR
+    data[at + 4:at + 6] = b"\x55\xb3"
+    p.write_bytes(bytes(data))
+    assert list(FolderArchive(tmp_path).headers()) == []  # skipped, not raised
+    assert find_studies(FolderArchive(tmp_path)) == []

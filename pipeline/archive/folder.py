@@ -388,11 +388,17 @@ class FolderArchive:
             return None
         if ds is None:
             return None
-        meta = getattr(ds, "file_meta", None)
-        sop_class = str(
-            ds.get("SOPClassUID", "")
-            or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else "")
-        )
+        try:  # elements are decoded on first access: a damaged one raises here
+            meta = getattr(ds, "file_meta", None)
+            for _ in meta if meta is not None else ():  # the few file meta elements, all
+                pass
+            sop_class = str(
+                ds.get("SOPClassUID", "")
+                or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else "")
+            )
+        except READ_ERRORS as e:
+            log.info("skipped %s: not a readable DICOM file (%s)", rel, type(e).__name__)
+            return None
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             log.info("skipped %s: DICOMDIR / vendor index file", rel)
             return None
