@@ -157,6 +157,9 @@ class StudyRef:
     study_time: str = ""
     accession_number: str = ""
     uid_valid: bool = True
+    # What an earlier run delivered for this study (from the worklist): the SR that a new
+    # result replaces names them as its predecessors.
+    previous_results: tuple[OutputRef, ...] = ()
 
     @property
     def n_instances(self) -> int:
@@ -320,6 +323,10 @@ class Finding:
     # Share of its voxels within ``LesionsConfig.peripheral_depth_mm`` of the pleura (the
     # chest's outer lung surface, not the mediastinal one): 1 subpleural, 0 central.
     peripheral_fraction: float = 0.0
+    # Where its voxels are on the CT grid: the index box (k0, r0, c0, k1, r1, c1; stops
+    # exclusive) and one voxel of it (k, r, c); ``lesions.finding_mask`` gives its voxels.
+    voxel_box: tuple[int, ...] = ()
+    seed_index: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

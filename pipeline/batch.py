@@ -28,11 +28,11 @@ from typing import Any
 
 from .archive import Archive
 from .archive.folder import RESULTS_DIR
-from .artefacts import QueryWindow, ScreeningResult, Status, StudyRef
+from .artefacts import OutputRef, QueryWindow, ScreeningResult, Status, StudyRef
 from .durable import remove_orphaned_temporaries
 from .errors import ArchiveError
 from .ingest import find_studies
-from .outbox import Outbox
+from .outbox import DELIVERED, Outbox
 from .run import Stages, timed
 from .state import Claim, Heartbeat, LeaseLost, State, StateStore, new_owner
 from .workers import InProcessPool, Outcome, Pool
@@ -252,6 +252,7 @@ def _screen_all(
                 continue
             log.info("[%d/%d] study %s: %d series, %d instances", i, n, uid,
                      len(study.series), study.n_instances)
+            study = replace(study, previous_results=_delivered_outputs(worklist, outbox, uid))
             in_flight[uid] = (i, study, fp)
             pool.submit(study, owner)
         if not in_flight:
@@ -296,7 +297,7 @@ def _finish(
             result = replace(result, status=Status.FAILED, reasons=("archive-error",))
     if not states.holds(uid, owner):
         raise LeaseLost(f"study {uid}: the lease passed to another run")
-    _prune_replaced(archive, worklist, result)
+    _prune_replaced(archive, worklist, outbox, result)
     worklist.record(result, fp)
     if result.status is Status.ANALYSED:
         states.advance(uid, State.WRITTEN, owner)
@@ -357,29 +358,73 @@ def _low_disk(folders: list[Path], reserve_mb: int) -> str:
     return ""
 
 
-def _prune_replaced(archive: Archive, worklist: Worklist, result: ScreeningResult) -> None:
-    """Remove result objects of an earlier run that this run did not write again."""
+def _delivered_outputs(worklist: Worklist, outbox: Outbox | None, study_uid: str
+                       ) -> tuple[OutputRef, ...]:
+    """The study's result objects of its last run that reached the archive: recorded as
+    stored, or delivered by the outbox since (then with the outbox's locator)."""
+    out = []
+    delivered = _outbox_states(outbox)
+    for ref in worklist.outputs(study_uid):
+        if not ref.locator.startswith("outbox:"):
+            out.append(ref)
+        elif delivered.get(ref.sop_instance_uid, ("", ""))[0] == DELIVERED:
+            out.append(replace(ref, locator=delivered[ref.sop_instance_uid][1]))
+    return tuple(out)
+
+
+def _outbox_states(outbox: Outbox | None) -> dict[str, tuple[str, str]]:
+    if outbox is None:
+        return {}
+    return {it.sop_uid: (it.state, it.locator) for it in outbox.items()}
+
+
+def _prune_replaced(
+    archive: Archive, worklist: Worklist, outbox: Outbox | None, result: ScreeningResult
+) -> None:
+    """Retire the result objects of an earlier run that this run did not write again (their
+    content is no longer what ctscreen says about the study): those still waiting in the
+    outbox are withdrawn from it, so that they are never delivered; those in the archive are
+    removed where the archive allows it (the folder archive; a PACS whose archive entry
+    configures a delete method), and otherwise named as such in the log (the new SR names
+    them as its predecessors either way)."""
     if result.status is Status.FAILED:
         return
     keep = {o.sop_instance_uid for o in result.outputs}
+    old = [o for o in worklist.outputs(result.study_uid) if o.sop_instance_uid not in keep]
+    if not old:
+        return
+    if outbox is not None:
+        withdrawn = outbox.withdraw(archive.name, [o.sop_instance_uid for o in old])
+        if withdrawn:
+            log.info("study %s: %d superseded result object(s) withdrawn from the outbox",
+                     result.study_uid, withdrawn)
     remove = getattr(archive, "remove", None)
-    for old in worklist.outputs(result.study_uid):
-        if old.locator.startswith("outbox:"):
-            continue  # never delivered: nothing to remove from the archive
-        if old.sop_instance_uid not in keep and remove is not None:
-            remove(old)
-            log.info("removed superseded %s %s", old.kind, old.sop_instance_uid)
+    for ref in _delivered_outputs(worklist, outbox, result.study_uid):
+        if ref.sop_instance_uid in keep:
+            continue
+        if remove is None:
+            log.warning("superseded %s %s stays in %s: it offers no delete (the new SR names "
+                        "it as replaced)", ref.kind, ref.sop_instance_uid, archive.name)
+            continue
+        try:
+            remove(ref)
+        except ArchiveError as e:
+            log.warning("superseded %s %s could not be removed from %s: %s", ref.kind,
+                        ref.sop_instance_uid, archive.name, e)
+        else:
+            log.info("removed superseded %s %s", ref.kind, ref.sop_instance_uid)
 
 
 def fingerprint(study: StudyRef, stages: Stages) -> str:
-    """Changes when the study's CT images, the configuration or the algorithm change.
+    """Changes when the study's CT images, the analysis configuration, a model file or the
+    code that computes results change (``Stages.content_key``).
 
     Only CT image instances count: the result objects this program writes into the study
     (SR, SEG, Secondary Capture) must not make the next run see a changed study.
     """
     h = hashlib.sha256()
     h.update(stages.algorithm_version.encode())
-    h.update(stages.config.analysis_key().encode())
+    h.update(stages.content_key.encode())  # code, models and analysis configuration
     ct_classes = set(stages.config.selection.sop_classes)
     for s in study.series:
         for inst in s.instances:

@@ -344,14 +344,14 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
             name = _archive(args.archive, config).name
         elif args.drain:
             name = archive.name
-        items = [it for it in outbox.items(name) if it.state != "delivered"]
+        items = [it for it in outbox.items(name) if it.state in ("pending", "refused")]
         counts = outbox.counts(name)
     if args.json:
         print(json.dumps({"counts": counts, "items": [it.__dict__ for it in items]}, indent=2))
         return status
     print(
         f"outbox {path}: {counts['pending']} pending, {counts['refused']} refused, "
-        f"{counts['delivered']} delivered"
+        f"{counts['delivered']} delivered, {counts['superseded']} superseded before delivery"
     )
     for it in items:
         when = datetime.fromtimestamp(it.next_attempt).isoformat(sep=" ", timespec="seconds")

@@ -194,6 +194,7 @@ class WorklistConfig:
 
 ARCHIVE_KINDS = ("dimse", "dicomweb", "folder")
 RETRIEVE_METHODS = ("c-get", "c-move")
+DELETE_METHODS = ("", "orthanc-rest")
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,11 @@ class ArchiveConfig:
     token_env: str = ""  # name of the environment variable that holds a bearer token
     # folder
     path: str = ""
+    # Removing superseded results (dimse and dicomweb): "" keeps them (DICOM has no
+    # standard delete; the replacing SR names them as its predecessors); "orthanc-rest"
+    # deletes them through Orthanc's REST API at rest_url (username / password_env as above)
+    delete: str = ""
+    rest_url: str = ""
     # all kinds
     tls: TlsConfig = field(default_factory=TlsConfig)
     timeout_s: float = 30.0  # connect / response timeout
@@ -447,6 +453,11 @@ def _check_archive(name: str, a: ArchiveConfig, where: str) -> None:
                 raise ConfigError(f"{at}: expected AE titles of at most 16 characters, got {ae!r}")
     if a.kind == "dicomweb" and not a.url.startswith(("http://", "https://")):
         raise ConfigError(f"{at}.url: expected an http(s) URL, got {a.url!r}")
+    if a.delete not in DELETE_METHODS:
+        raise ConfigError(f"{at}.delete: expected one of {list(DELETE_METHODS)}, got {a.delete!r}")
+    if a.delete == "orthanc-rest" and not a.rest_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{at}.rest_url: delete: orthanc-rest needs Orthanc's REST URL "
+                          f"(http(s)://host:port), got {a.rest_url!r}")
     if a.kind == "folder" and not a.path:
         raise ConfigError(f"{at}: a folder archive needs path")
     if a.password_env and not a.password_env.replace("_", "").isalnum():

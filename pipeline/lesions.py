@@ -387,6 +387,12 @@ def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.u
         for a in range(3):
             np.minimum.at(lo[:, a], comp, lps[:, a])
             np.maximum.at(hi[:, a], comp, lps[:, a])
+        k_lo = np.full((n, 3), np.iinfo(np.int64).max)
+        k_hi = np.full((n, 3), -1)
+        for a in range(3):
+            np.minimum.at(k_lo[:, a], comp, kji[:, a])
+            np.maximum.at(k_hi[:, a], comp, kji[:, a])
+        _, first = np.unique(comp, return_index=True)  # one voxel of each component
         side_votes = np.zeros((n, 3), dtype=np.int64)
         np.add.at(side_votes, (comp, lung_b[idx].astype(np.intp)), 1)
         for i in range(n):
@@ -395,7 +401,9 @@ def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.u
                     > side_votes[i, LUNG_LABELS[Side.RIGHT]] else Side.RIGHT)
             zone = ZONES[int(_zone_index(np.array([centroid[2]]), z_ext[side])[0])]
             rows.append((int(cnt[i]), kind, side, zone, float(hu_sum[i] / cnt[i]),
-                         centroid, tuple(lo[i]), tuple(hi[i]), float(near[i] / cnt[i])))
+                         centroid, tuple(lo[i]), tuple(hi[i]), float(near[i] / cnt[i]),
+                         (*(int(v) for v in k_lo[i]), *(int(v) + 1 for v in k_hi[i])),
+                         tuple(int(v) for v in kji[first[i]])))
     rows.sort(key=lambda r: -r[0])
     vml = ct.voxel_volume_ml
     return tuple(
@@ -403,9 +411,29 @@ def _findings(ct: Volume, lung_lab: npt.NDArray[np.uint8], les: npt.NDArray[np.u
                 mean_hu=r[4], centroid_lps=tuple(float(v) for v in r[5]),  # type: ignore[arg-type]
                 bbox_min_lps=tuple(float(v) for v in r[6]),  # type: ignore[arg-type]
                 bbox_max_lps=tuple(float(v) for v in r[7]),  # type: ignore[arg-type]
-                voxel_count=r[0], peripheral_fraction=r[8])
+                voxel_count=r[0], peripheral_fraction=r[8], voxel_box=r[9], seed_index=r[10])
         for j, r in enumerate(rows)
     )
+
+
+def finding_mask(labels: npt.NDArray[np.uint8], finding: Finding
+                 ) -> tuple[tuple[slice, slice, slice], npt.NDArray[np.bool_]]:
+    """The voxels of one finding: its index box and, inside it, the 26-connected component
+    of its kind that holds its seed voxel (as ``_findings`` found it).  Raises ValueError
+    where the labels do not hold that finding (no box, or another voxel count)."""
+    if len(finding.voxel_box) != 6 or len(finding.seed_index) != 3:
+        raise ValueError(f"finding {finding.index} has no voxel box / seed on the CT grid")
+    k0, r0, c0, k1, r1, c1 = finding.voxel_box
+    box = (slice(k0, k1), slice(r0, r1), slice(c0, c1))
+    lab, _ = ndi.label(labels[box] == LESION_LABELS[finding.kind],
+                       structure=np.ones((3, 3, 3), dtype=bool))
+    seed = tuple(int(i - b.start) for i, b in zip(finding.seed_index, box, strict=True))
+    mask = (lab == lab[seed]) & (lab[seed] > 0)
+    n = int(np.count_nonzero(mask))
+    if n != finding.voxel_count:
+        raise ValueError(f"finding {finding.index}: expected {finding.voxel_count} voxels of "
+                         f"{finding.kind} at its seed, the labels hold {n}")
+    return box, mask
 
 
 # --------------------------------------------------------------------------- position

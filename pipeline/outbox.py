@@ -15,6 +15,8 @@ States:
 ``refused``    the archive answered with a failure status (kept with that status); the same
                object would be refused again, so it is not retried until someone asks
                (``ctscreen outbox --drain --retry-refused``) after fixing the cause
+``superseded`` withdrawn before delivery: a later run of the study wrote a result with
+               other content (``withdraw``); its file is removed and it is never delivered
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .errors import ArchiveError, ArchiveUnavailable, StoreRefused
 
 log = logging.getLogger(__name__)
 
-PENDING, DELIVERED, REFUSED = "pending", "delivered", "refused"
+PENDING, DELIVERED, REFUSED, SUPERSEDED = "pending", "delivered", "refused", "superseded"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -147,6 +149,21 @@ class Outbox:
             )
         return sop
 
+    def withdraw(self, archive: str, sops: list[str]) -> int:
+        """Never deliver these objects (pending or refused) to ``archive``: a newer result
+        replaces them.  Returns how many were withdrawn."""
+        n = 0
+        for it in self.items(archive):
+            if it.sop_uid in sops and it.state in (PENDING, REFUSED):
+                with self._db:
+                    self._db.execute(
+                        "UPDATE outbox SET state=?, updated_at=? WHERE archive=? AND sop_uid=?",
+                        (SUPERSEDED, _now(), it.archive, it.sop_uid),
+                    )
+                (self.folder / "objects" / it.file_name).unlink(missing_ok=True)
+                n += 1
+        return n
+
     def items(self, archive: str | None = None, state: str | None = None) -> list[OutboxItem]:
         sql = "SELECT * FROM outbox WHERE 1=1"
         args: list[str] = []
@@ -163,7 +180,7 @@ class Outbox:
         ]
 
     def counts(self, archive: str | None = None) -> dict[str, int]:
-        out = {PENDING: 0, DELIVERED: 0, REFUSED: 0}
+        out = {PENDING: 0, DELIVERED: 0, REFUSED: 0, SUPERSEDED: 0}
         for it in self.items(archive):
             out[it.state] = out.get(it.state, 0) + 1
         return out

@@ -1,25 +1,34 @@
-"""Pure: a screening result + the source CT headers -> DICOM SEG, Comprehensive 3D SR, key images.
+"""Pure: a screening result + the source CT headers -> DICOM SEG, Comprehensive SR, key
+images and a Key Object Selection document (docs/results.md describes them for users).
 
 Every object is built with highdicom (no hand-assembled content items) and passes dciodvfy.
 Nothing here reads or writes files, talks to the network or logs patient identity.
 
 Outputs of one run (``build_report``):
 
-* **SEG** (``highdicom.seg.Segmentation``, BINARY, empty frames omitted): four segments whose
+* **SEG** (``highdicom.seg.Segmentation``, BINARY, empty frames omitted): segments whose
   numbers never change, so that consumers can rely on them even where one is empty (an empty
   segment is described and has no frames): 1 right lung, 2 left lung, 3 ground-glass opacity,
-  4 consolidation (``SEGMENT_NUMBERS``).
-* **SR** (``highdicom.sr.Comprehensive3DSR``) with a TID 1500 Measurement Report: procedure
-  "CT of chest", the algorithm as device observer, an image library of the source series, and
-  measurement groups for each lung, each lesion kind, each reported finding, each lung zone and
-  the study as a whole (the RSNA category for COVID-19 pneumonia, severity, suspicion, total
-  involvement).
-* **Key images** (``highdicom.sc.SCImage``, RGB): the most affected slices in a lung window with
-  outlines and a burned-in caption ("AI triage - not for diagnosis").
+  4 consolidation (``SEGMENT_NUMBERS``), then 4 + i for reported lesion i alone
+  (``LESION_SEGMENT_BASE``).
+* **SR** (``highdicom.sr.ComprehensiveSR``) with a TID 1500 Measurement Report: procedure
+  "CT of chest", the algorithm as device observer, an image library of the key slices, and
+  measurement groups for the study as a whole (the RSNA category, severity, suspicion, total
+  involvement), each lung, each lesion kind, each reported lesion and each lung zone.  Every
+  group is anchored on a CT image (``_build_sr``).  What has no standard code is coded in the
+  private scheme ``PRIVATE_SCHEME``, declared in the SR.
+* **Key images** (``highdicom.sc.SCImage``, RGB): one per finding, on its largest slice not yet
+  shown, in a lung window with outlines and a burned-in caption that wraps to the width.
+* **Key Object Selection** (``highdicom.ko``): flags the key images and the SR.
 
-UIDs are deterministic (``output_uid``): a re-run of the same algorithm version on the same
-series produces the same Series/SOP Instance UIDs, so that the archive replaces the previous
-results instead of accumulating duplicates.  Dates and times are not part of any UID.
+UIDs are deterministic and follow content (``content_identity``, ``output_uid``): they derive
+from the source series and its instances, the lung and lesion labels themselves, and the
+``content_key`` of the stages (code, stage versions, model hashes, analysis configuration).
+The same inputs give the same UIDs, so a re-run duplicates nothing; any change that can change
+what an object says gives new UIDs, so no archive can keep a stale object under a current UID
+(and finding the UID in the archive confirms this content).  The SR names the SRs of the
+result it replaces (``previous``) in its Predecessor Documents Sequence.  Dates and times are
+not part of any UID.
 Content date/time is the ``created`` argument where given, otherwise the run time (highdicom's
 default); Instance Creation Date/Time is always the run time.
 
@@ -31,6 +40,7 @@ data from the source images for any of the three objects; the key images are ren
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -48,13 +58,17 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage as ndi
+from skimage import measure
 
 from .artefacts import (
     LESION_LABELS,
     LUNG_LABELS,
+    Finding,
     LesionAnalysis,
     LesionKind,
     LungMasks,
+    OutputRef,
     Pattern,
     Side,
     Volume,
@@ -62,6 +76,7 @@ from .artefacts import (
     bounding_box,
 )
 from .config import ReportConfig
+from .lesions import finding_mask
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +110,26 @@ KIND_CODES: dict[LesionKind, Code] = {
 }
 ANATOMICAL_STRUCTURE: Code = codes.SCT.AnatomicalStructure  # 91723000
 ABNORMAL_STRUCTURE: Code = codes.SCT.MorphologicallyAbnormalStructure  # 49755003
-COVID_19 = Code("840539006", "SCT", "COVID-19")
-# The RSNA category (Simpson et al. 2020) as the value of the COVID-19 evaluation.  SNOMED CT
-# has Indeterminate, Atypical and Negative qualifiers; for "typical" (the statement's words:
-# "commonly reported imaging features of COVID-19 pneumonia are present") we found no
-# "Typical" qualifier and use Suspected (415684004, DICOM CID 3770).  The key-image caption
-# and the worklist name the category itself.
+# What ctscreen found is an imaging pattern, not a disease: the study-level call is the RSNA
+# expert consensus category (Simpson et al., Radiology: Cardiothoracic Imaging 2020), and
+# the suspicion is a ranking score.  Neither has a standard code (SNOMED CT codes the disease
+# COVID-19, 840539006, which a reader would take as a diagnosis), so they are coded in
+# ctscreen's private scheme, declared in each SR's Coding Scheme Identification Sequence and
+# listed in docs/results.md.
+PRIVATE_SCHEME = "99CTSCREEN"
+PRIVATE_SCHEME_NAME = "ctscreen private codes"
+PRIVATE_SCHEME_VERSION = "1"
+CHEST_CT_TRIAGE = Code("CTS0001", PRIVATE_SCHEME, "Chest CT triage assessment")
+RSNA_CATEGORY = Code("CTS0002", PRIVATE_SCHEME, "RSNA COVID-19 pneumonia CT category")
+SUSPICION = Code("CTS0003", PRIVATE_SCHEME, "Triage suspicion score")
 PATTERN_CODES: dict[Pattern, Code] = {
-    Pattern.TYPICAL: Code("415684004", "SCT", "Suspected"),
-    Pattern.INDETERMINATE: codes.SCT.Indeterminate,  # 82334004
-    Pattern.ATYPICAL: Code("112231000", "SCT", "Atypical"),
-    Pattern.NEGATIVE: codes.SCT.Negative,  # 260385009, DICOM CID 250
+    Pattern.TYPICAL: Code("CTS0011", PRIVATE_SCHEME, "Typical appearance"),
+    Pattern.INDETERMINATE: Code("CTS0012", PRIVATE_SCHEME, "Indeterminate appearance"),
+    Pattern.ATYPICAL: Code("CTS0013", PRIVATE_SCHEME, "Atypical appearance"),
+    Pattern.NEGATIVE: Code("CTS0014", PRIVATE_SCHEME, "Negative for pneumonia"),
 }
+PRIVATE_CODES: tuple[Code, ...] = (CHEST_CT_TRIAGE, RSNA_CATEGORY, SUSPICION,
+                                   *PATTERN_CODES.values())
 # How the key-image caption names each category (the statement's category names).
 PATTERN_CAPTIONS: dict[Pattern, str] = {
     Pattern.TYPICAL: "typical for COVID-19 pneumonia",
@@ -119,7 +142,6 @@ EXTENT: Code = Code("260858005", "SCT", "Extent")  # percent of the lung involve
 ATTENUATION: Code = codes.DCM.AttenuationCoefficient  # 112031, with derivation Mean
 MEAN: Code = codes.SCT.Mean  # 373098007
 SEVERITY: Code = Code("246112005", "SCT", "Severity")
-SCORE: Code = Code("246262008", "SCT", "Score")
 AI_FAMILY: Code = codes.cid7162.ArtificialIntelligence  # DCM 123110
 DEVICE = hd.sr.CodedConcept.from_code(codes.DCM.Device)  # 121007, observer type
 
@@ -130,6 +152,13 @@ UNIT_SCORE = Code("{score}", "UCUM", "score")
 UNIT_ONE: Code = codes.UCUM.NoUnits  # "1"
 
 SIDE_CODES: dict[Side, Code] = {Side.RIGHT: RIGHT, Side.LEFT: LEFT}
+# The lung of each side, pre-coordinated: a second finding site beside the post-coordinated
+# (structure + laterality) one, since viewers (OHIF 3.13) show a finding site's own meaning
+# and drop its laterality.
+SIDE_LUNG_CODES: dict[Side, Code] = {
+    Side.RIGHT: Code("3341006", "SCT", "Right lung"),
+    Side.LEFT: Code("44029006", "SCT", "Left lung"),
+}
 
 # Segment numbers are fixed: consumers may rely on them.
 SEGMENT_NUMBERS: dict[Side | LesionKind, int] = {
@@ -139,15 +168,19 @@ SEGMENT_NUMBERS: dict[Side | LesionKind, int] = {
     LesionKind.CONSOLIDATION: 4,
 }
 
+# Lesion ``i`` (``Finding.index``, 1 = largest) has its own segment, number 4 + i, besides
+# the union of its kind; the SR's group of that lesion references it.
+LESION_SEGMENT_BASE = 4
+
 # Colours shared by the SEG display colours and the key-image outlines (RGB).
 COLOURS: dict[Side | LesionKind, tuple[int, int, int]] = {
     Side.RIGHT: (0, 200, 255),
-    Side.LEFT: (0, 200, 255),
+    Side.LEFT: (70, 220, 110),
     LesionKind.GGO: (255, 230, 0),
     LesionKind.CONSOLIDATION: (255, 40, 40),
 }
 
-SERIES_NUMBERS = {"seg": 9701, "sr": 9702, "sc": 9703}
+SERIES_NUMBERS = {"seg": 9701, "sr": 9702, "sc": 9703, "ko": 9704}
 DISCLAIMER = "AI triage - not for diagnosis"
 KEY_IMAGE_MIN_SIZE = 512  # key images are upscaled (nearest) to at least this many pixels
 KEY_IMAGE_MIN_GAP_MM = 10.0  # prefer key slices at least this far apart
@@ -162,6 +195,8 @@ class ReportObjects:
     sr: pydicom.Dataset
     seg: pydicom.Dataset
     key_images: tuple[pydicom.Dataset, ...]
+    kos: pydicom.Dataset  # Key Object Selection: the key images and the SR
+    identity: str = ""  # the seed of their UIDs (``content_identity``)
 
 
 @dataclass(frozen=True)
@@ -190,14 +225,37 @@ def _name_based_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, json.dumps(list(parts))).int}"
 
 
-def output_uid(source_series_uid: str, algorithm_version: str, kind: str, index: int = 0) -> str:
-    """A deterministic ``2.25.`` UID for one output of one algorithm version on one series.
+def content_identity(
+    content_key: str,
+    algorithm_version: str,
+    sources: Sequence[pydicom.Dataset],
+    lungs: LungMasks,
+    analysis: LesionAnalysis,
+) -> str:
+    """The seed of every output UID of one result: a hash of the stages' ``content_key``,
+    the algorithm version, the source instances in slice order (a DICOM instance's content
+    never changes under its UID) and the lung and lesion labels.  Every number, outline and
+    key image of the result is a function of these."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(f"{content_key}|{algorithm_version}|".encode())
+    for ds in sources:
+        h.update(f"{ds.SOPInstanceUID}|".encode())
+    for labels in (lungs.labels, analysis.labels):
+        arr = np.ascontiguousarray(labels.array)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def output_uid(source_series_uid: str, identity: str, kind: str, index: int = 0) -> str:
+    """A deterministic ``2.25.`` UID for one output of one result (``identity``, from
+    ``content_identity``) on one series.
 
     ``kind`` names the object ("seg-series", "sr-instance", "tracking-lesion", ...) and
     ``index`` tells apart several of one kind.  The same inputs always give the same UID;
     any change of series, version, kind or index gives another.
     """
-    return _name_based_uid("output", source_series_uid, algorithm_version, kind, str(index))
+    return _name_based_uid("output", source_series_uid, identity, kind, str(index))
 
 
 # ---------------------------------------------------------------- orientation
@@ -247,6 +305,8 @@ def build_report(
     *,
     algorithm_name: str,
     algorithm_version: str,
+    content_key: str = "",
+    previous: Sequence[OutputRef] = (),
     created: datetime.datetime | None = None,
 ) -> ReportObjects:
     """SEG, SR and key images for one analysed series.
@@ -254,6 +314,10 @@ def build_report(
     ``sources[k]`` must be the (possibly header-only) CT dataset of slice ``k`` of ``ct``;
     the geometry of both is checked and a mismatch raises ``ValueError``.  ``created`` sets
     the content date/time of every object (default: now); it does not enter any UID.
+    ``content_key`` is ``Stages.content_key`` (what else the content depends on);
+    ``previous`` are the objects of the result this one replaces: its SRs become the new
+    SR's predecessor documents (an object with this result's own UID is not its own
+    predecessor).
     """
     t0 = time.perf_counter()
     _check_inputs(ct, sources, lungs, analysis)
@@ -268,18 +332,35 @@ def build_report(
         algorithm_version=algorithm_version,
         series_uid=series_uid,
         created=created,
+        identity=content_identity(content_key, algorithm_version, sources, lungs, analysis),
     )
+    ctx.previous = [
+        ref for ref in previous
+        if ref.kind == "sr" and ref.sop_instance_uid != ctx.uid("sr-instance")
+    ]
     min_gap = max(1, round(KEY_IMAGE_MIN_GAP_MM / ct.spacing[0]))
-    ctx.key_slices = choose_key_slices(
-        lungs.labels.array, analysis.labels.array, config.key_images, min_gap
-    )
+    ctx.views = {f.index: lesion_view(analysis.labels.array, f) for f in analysis.findings}
+    if analysis.findings:
+        picks = choose_finding_slices(
+            [ctx.views[f.index].ranked_slices for f in analysis.findings],
+            [ctx.views[f.index].ranked_areas for f in analysis.findings],
+            config.key_images, min_gap,
+        )
+        ctx.key_slices = [k for _, k in picks]
+        ctx.key_findings = [analysis.findings[i].index for i, _ in picks]
+    else:
+        ctx.key_slices = choose_key_slices(
+            lungs.labels.array, analysis.labels.array, config.key_images, min_gap
+        )
+        ctx.key_findings = [0] * len(ctx.key_slices)
     seg = _build_seg(ctx)
     t1 = time.perf_counter()
     sr = _build_sr(ctx, seg)
     t2 = time.perf_counter()
     key_images = _build_key_images(ctx)
+    kos = _build_kos(ctx, sr, key_images)
     t3 = time.perf_counter()
-    for ds in (seg, sr, *key_images):
+    for ds in (seg, sr, *key_images, kos):
         _copy_missing(ds, sources[0], _SHARED_KEYS)
     log.info(
         "report for series %s: SEG %s frames (%.2f s), SR %d groups (%.2f s), "
@@ -287,7 +368,8 @@ def build_report(
         series_uid, seg.NumberOfFrames, t1 - t0, ctx.n_groups, t2 - t1, len(key_images),
         t3 - t2,
     )
-    return ReportObjects(sr=sr, seg=seg, key_images=tuple(key_images))
+    return ReportObjects(sr=sr, seg=seg, key_images=tuple(key_images), kos=kos,
+                         identity=ctx.identity)
 
 
 @dataclass
@@ -301,11 +383,16 @@ class _Context:
     algorithm_version: str
     series_uid: str
     created: datetime.datetime | None
+    identity: str
     n_groups: int = 0
     key_slices: list[int] = field(default_factory=list)
+    # the finding each key image shows (Finding.index; 0: none, a study without findings)
+    key_findings: list[int] = field(default_factory=list)
+    views: dict[int, LesionView] = field(default_factory=dict)  # by Finding.index
+    previous: list[OutputRef] = field(default_factory=list)
 
     def uid(self, kind: str, index: int = 0) -> str:
-        return output_uid(self.series_uid, self.algorithm_version, kind, index)
+        return output_uid(self.series_uid, self.identity, kind, index)
 
     def common_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by the three highdicom constructors."""
@@ -332,6 +419,12 @@ def _check_inputs(
     for name, vol in (("lung labels", lungs.labels), ("lesion labels", analysis.labels)):
         if vol.shape != ct.shape or not np.allclose(vol.affine, ct.affine, atol=1e-4):
             raise ValueError(f"{name} are not on the CT grid: shape {vol.shape} vs {ct.shape}")
+    indices = [f.index for f in analysis.findings]
+    if indices != list(range(1, len(indices) + 1)):
+        raise ValueError(f"expected findings numbered 1..{len(indices)} in order, got {indices}")
+    if len(indices) + LESION_SEGMENT_BASE > 255:
+        raise ValueError(f"{len(indices)} findings: at most {255 - LESION_SEGMENT_BASE} fit "
+                         "the SEG's segments (lesions.max_reported_findings)")
     for key in ("StudyInstanceUID", "SeriesInstanceUID"):
         values = {str(ds.get(key, "")) for ds in sources}
         if len(values) != 1 or "" in values:
@@ -424,10 +517,32 @@ def _segment_description(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_uid=ctx.uid("tracking-kind", number),
-        tracking_id=what.value,
+        tracking_id=f"all {what}",
         anatomic_regions=[LUNG],
         display_color=hd.color.CIELabColor.from_rgb(*rgb),
     )
+
+
+def _lesion_description(
+    ctx: _Context, f: Finding, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    """Lesion ``f`` alone: the region its SR group measures (same tracking UID and text)."""
+    desc = hd.seg.SegmentDescription(
+        segment_number=LESION_SEGMENT_BASE + f.index,
+        segment_label=f"Lesion {f.index} ({f.kind})"[:64],
+        segmented_property_category=ABNORMAL_STRUCTURE,
+        segmented_property_type=KIND_CODES[f.kind],
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=ctx.uid("tracking-lesion", f.index),
+        tracking_id=f"lesion {f.index}",
+        anatomic_regions=[ZONE_CODES[f.zone]],
+        display_color=hd.color.CIELabColor.from_rgb(*COLOURS[f.kind]),
+    )
+    desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
+        hd.sr.CodedConcept.from_code(SIDE_CODES[f.side])
+    ]
+    return desc
 
 
 def _one_frame_of_reference(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -491,7 +606,8 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
     # segments are interleaved, and each frame it copies out is contiguous.
     # Each plane is written only inside the bounding box of its label volume (lungs or
     # lesions); the rest stays the zeros of the allocation, never touched.
-    planes = np.zeros((len(order), len(ks), *ctx.ct.shape[1:]), dtype=np.uint8)
+    findings = ctx.analysis.findings
+    planes = np.zeros((len(order) + len(findings), len(ks), *ctx.ct.shape[1:]), dtype=np.uint8)
     lung_box, les_box = bounding_box(lung), bounding_box(les)
     for i, what in enumerate(order):
         labels, value, box = ((lung, LUNG_LABELS[what], lung_box) if isinstance(what, Side)
@@ -501,9 +617,14 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
         j0, j1 = np.searchsorted(ks, [box[0].start, box[0].stop])  # planes' rows in the box
         np.equal(labels[ks[j0:j1], box[1], box[2]], value,
                  out=planes[i, j0:j1, box[1], box[2]], casting="unsafe")
+    for f in findings:  # each lesion alone (connected: every slice of its box is in ks)
+        box, mask = finding_mask(les, f)
+        j0, j1 = np.searchsorted(ks, [box[0].start, box[0].stop])
+        planes[LESION_SEGMENT_BASE + f.index - 1, j0:j1, box[1], box[2]] = mask
     stack = planes.transpose(1, 2, 3, 0).view(_SegmentStack)
     algorithm = _algorithm_sequence(ctx)
     descriptions = [_segment_description(ctx, what, algorithm) for what in order]
+    descriptions += [_lesion_description(ctx, f, algorithm) for f in findings]
     seg = hd.seg.Segmentation(
         source_images=_one_frame_of_reference([ctx.sources[k] for k in ks]),
         pixel_array=stack,
@@ -517,6 +638,7 @@ def _build_seg(ctx: _Context) -> hd.seg.Segmentation:
         device_serial_number="0",
         content_description="Lungs and suspected COVID-19 lesions (AI triage)",
         content_label="CTSCREEN",
+        content_creator_name=f"{ctx.algorithm_name}^",  # the device; a person adds a name
         omit_empty_frames=True,
         series_description=f"{ctx.algorithm_name} SEG - {DISCLAIMER}"[:64],
         **ctx.common_kwargs(),
@@ -564,149 +686,251 @@ def _extent_pct(value: float) -> hd.sr.Measurement:
     return _measurement(EXTENT, round(value, 3), UNIT_PERCENT)
 
 
-def _build_sr(ctx: _Context, seg: hd.seg.Segmentation) -> hd.sr.Comprehensive3DSR:
+Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+         | hd.sr.MeasurementsAndQualitativeEvaluations)
+
+
+def _sites(site: Code, side: Side, side_first: bool) -> list[hd.sr.FindingSite]:
+    """``site`` with the side's laterality, and the side's lung (see SIDE_LUNG_CODES); the
+    one a viewer should show first (OHIF shows only the first)."""
+    out = [hd.sr.FindingSite(site, laterality=SIDE_CODES[side]),
+           hd.sr.FindingSite(SIDE_LUNG_CODES[side])]
+    return out[::-1] if side_first else out
+
+
+def _partner(ctx: _Context, region: hd.sr.ImageRegion, common: dict[str, Any]
+             ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The planar group that anchors a volumetric one on an image: the same tracking UID
+    and text, finding and sites, no measurements of its own (a viewer merges the two by
+    tracking UID; a reader that sums groups counts each volume once)."""
+    return _planar(ctx, region, **{k: v for k, v in common.items() if k != "measurements"})
+
+
+def _region(ctx: _Context, k: int, xy: npt.NDArray[Any]) -> hd.sr.ImageRegion:
+    """An image region on source slice ``k``: a closed polyline, or one point."""
+    src = ctx.sources[k]
+    return hd.sr.ImageRegion(
+        graphic_type=(hd.sr.GraphicTypeValues.POLYLINE if len(xy) > 1
+                      else hd.sr.GraphicTypeValues.POINT),
+        graphic_data=np.asarray(xy, dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=src.SOPClassUID,
+            referenced_sop_instance_uid=src.SOPInstanceUID,
+        ),
+    )
+
+
+def _point_in(mask: npt.NDArray[np.bool_]) -> tuple[float, float] | None:
+    """A pixel of a 2-D mask near its centroid, as (column, row) image coordinates."""
+    rr, cc = np.nonzero(mask)
+    if rr.size == 0:
+        return None
+    i = int(np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2))
+    return float(cc[i]) + 0.5, float(rr[i]) + 0.5
+
+
+def _anchor(ctx: _Context, mask_of: Any, slices: Sequence[int]) -> hd.sr.ImageRegion:
+    """A point inside ``mask_of(k)`` on the first of ``slices`` where it has one; failing
+    that, the centre of the first key slice (the lungs' image)."""
+    for k in slices:
+        xy = _point_in(mask_of(k))
+        if xy is not None:
+            return _region(ctx, k, np.array([xy]))
+    k = ctx.key_slices[0] if ctx.key_slices else ctx.ct.shape[0] // 2
+    return _region(ctx, k, np.array([[ctx.ct.shape[2] / 2.0, ctx.ct.shape[1] / 2.0]]))
+
+
+def _planar(ctx: _Context, region: hd.sr.ImageRegion, **kw: Any
+            ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        referenced_region=region, algorithm_id=_algorithm_id(ctx), **kw
+    )
+
+
+def _segment_ref(ctx: _Context, seg: hd.seg.Segmentation, number: int
+                 ) -> hd.sr.ReferencedSegment:
+    # The whole segment: dciodvfy refuses Referenced Segment Number together with
+    # Referenced Frame Number.
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(ctx.series_uid),
+    )
+
+
+def _study_group(ctx: _Context) -> Group:
+    """The study as a whole: the RSNA category, severity, suspicion, total involvement;
+    anchored at a point in the lungs on the first key image's slice."""
     a = ctx.analysis
-    source_series = hd.sr.SourceSeriesForSegmentation(ctx.series_uid)
-    with_frames = _segments_with_frames(seg)
-
-    def segment_ref(number: int) -> hd.sr.ReferencedSegment:
-        # The whole segment: dciodvfy refuses Referenced Segment Number together with
-        # Referenced Frame Number, so a finding cannot point at "its" frames of the segment.
-        return hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=number,
-            source_series=source_series,
-        )
-
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
-    algorithm_id = _algorithm_id(ctx)
-
-    # 1. The study as a whole: RSNA category, severity, suspicion, total involvement.
+    lung = ctx.lungs.labels.array
     scale = a.severity_scale or "unnamed severity scale"
     severity_algorithm = hd.sr.AlgorithmIdentification(
         name=scale, version=ctx.algorithm_version,
         parameters=[f"study score, range 0 to {a.severity_max}"],
     )
-    zone_algorithm = hd.sr.AlgorithmIdentification(
-        name=scale, version=ctx.algorithm_version, parameters=["score of one lung zone"]
-    )
-    groups.append(
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(ctx, "tracking-study", 0, "study assessment"),
-            finding_type=COVID_19,
-            algorithm_id=algorithm_id,
-            finding_sites=[hd.sr.FindingSite(LUNG)],
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(name=COVID_19, value=PATTERN_CODES[a.pattern])
-            ],
-            measurements=[
-                _extent_pct(a.involved_pct),
-                _measurement(
-                    SEVERITY, a.severity_score, UNIT_SCORE, algorithm_id=severity_algorithm
-                ),
-                _measurement(SCORE, round(a.suspicion, 4), UNIT_ONE, algorithm_id=algorithm_id),
-            ],
-        )
+    return _planar(
+        ctx, _anchor(ctx, lambda k: lung[k] > 0, ctx.key_slices),
+        tracking_identifier=_tracking(ctx, "tracking-study", 0, "study assessment"),
+        finding_type=CHEST_CT_TRIAGE,
+        finding_sites=[hd.sr.FindingSite(LUNG)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=RSNA_CATEGORY, value=PATTERN_CODES[a.pattern])
+        ],
+        measurements=[
+            _extent_pct(a.involved_pct),
+            _measurement(SEVERITY, a.severity_score, UNIT_SCORE, algorithm_id=severity_algorithm),
+            _measurement(SUSPICION, round(a.suspicion, 4), UNIT_ONE,
+                         algorithm_id=_algorithm_id(ctx)),
+        ],
     )
 
-    # 2. Each lung: volume and percent involved, referencing its SEG segment.
-    for fig in a.lungs:
+
+def _largest_slice(labels: npt.NDArray[Any], value: int) -> list[int]:
+    """The slice with the largest area of ``value`` (none where it has no voxel)."""
+    area = np.count_nonzero((labels == value).reshape(labels.shape[0], -1), axis=1)
+    order = np.lexsort((np.arange(area.size), -area))
+    return [int(k) for k in order[area[order] > 0][:1]]
+
+
+def _lung_groups(ctx: _Context, seg: hd.seg.Segmentation) -> list[Group]:
+    """Each lung: volume and percent involved, referencing its SEG segment."""
+    lung = ctx.lungs.labels.array
+    out: list[Group] = []
+    for fig in ctx.analysis.lungs:
         number = SEGMENT_NUMBERS[fig.side]
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(ctx, "tracking-lung", number, f"{fig.side} lung"),
-                referenced_segment=segment_ref(number),
-                finding_type=LUNG,
-                finding_category=ANATOMICAL_STRUCTURE,
-                algorithm_id=algorithm_id,
-                finding_sites=[hd.sr.FindingSite(LUNG, laterality=SIDE_CODES[fig.side])],
-                measurements=[_volume_ml(fig.volume_ml), _extent_pct(fig.involved_pct)],
-            )
-        )
+        value = LUNG_LABELS[fig.side]
+        common: dict[str, Any] = {
+            "tracking_identifier": _tracking(ctx, "tracking-lung", number, f"{fig.side} lung"),
+            "finding_type": LUNG,
+            "finding_category": ANATOMICAL_STRUCTURE,
+            "finding_sites": _sites(LUNG, fig.side, side_first=True),
+            "measurements": [_volume_ml(fig.volume_ml), _extent_pct(fig.involved_pct)],
+        }
+        anchor = _anchor(ctx, lambda k, v=value: lung[k] == v, _largest_slice(lung, value))
+        if fig.volume_ml > 0:
+            out.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=_segment_ref(ctx, seg, number),
+                algorithm_id=_algorithm_id(ctx), **common))
+            out.append(_partner(ctx, anchor, common))
+        else:
+            out.append(_planar(ctx, anchor, **common))
+    return out
 
-    # 3. Each lesion kind overall.  A kind without voxels has an empty segment: it is
-    #    reported as 0 ml without an ROI reference.
+
+def _kind_groups(ctx: _Context, seg: hd.seg.Segmentation) -> list[Group]:
+    """Each lesion kind overall.  A kind without voxels has an empty segment: it is
+    reported as 0 ml, anchored in the lungs, without a segment reference."""
+    les = ctx.analysis.labels.array
+    lung = ctx.lungs.labels.array
+    with_frames = _segments_with_frames(seg)
+    out: list[Group] = []
     for kind in LesionKind:
         number = SEGMENT_NUMBERS[kind]
+        value = LESION_LABELS[kind]
         total_ml = sum(
-            fig.ggo_ml if kind is LesionKind.GGO else fig.consolidation_ml for fig in a.lungs
+            fig.ggo_ml if kind is LesionKind.GGO else fig.consolidation_ml
+            for fig in ctx.analysis.lungs
         )
         common: dict[str, Any] = {
             "tracking_identifier": _tracking(ctx, "tracking-kind", number, f"all {kind}"),
             "finding_type": KIND_CODES[kind],
             "finding_category": ABNORMAL_STRUCTURE,
-            "algorithm_id": algorithm_id,
             "finding_sites": [hd.sr.FindingSite(LUNG)],
             "measurements": [_volume_ml(total_ml)],
         }
         if number in with_frames:
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    referenced_segment=segment_ref(number), **common
-                )
-            )
+            out.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=_segment_ref(ctx, seg, number),
+                algorithm_id=_algorithm_id(ctx), **common))
+            anchor = _anchor(ctx, lambda k, v=value: les[k] == v, _largest_slice(les, value))
+            out.append(_partner(ctx, anchor, common))
         else:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
+            out.append(_planar(ctx, _anchor(ctx, lambda k: lung[k] > 0, ctx.key_slices),
+                               **common))
+    return out
 
-    # 4. Each reported finding, referencing its kind's segment (the finding site and the
-    #    volume tell it apart from the other findings of that kind).
-    for f in a.findings:
-        number = SEGMENT_NUMBERS[f.kind]
-        site = hd.sr.FindingSite(ZONE_CODES[f.zone], laterality=SIDE_CODES[f.side])
-        common = {
-            "tracking_identifier": _tracking(ctx, "tracking-lesion", f.index, f"lesion {f.index}"),
+
+def _lesion_groups(ctx: _Context, seg: hd.seg.Segmentation) -> list[Group]:
+    """Each reported lesion: its own segment, and its outline on its largest slice."""
+    out: list[Group] = []
+    for f in ctx.analysis.findings:
+        number = LESION_SEGMENT_BASE + f.index
+        view = ctx.views[f.index]
+        common: dict[str, Any] = {
+            "tracking_identifier": _tracking(ctx, "tracking-lesion", f.index,
+                                             f"lesion {f.index}"),
             "finding_type": KIND_CODES[f.kind],
             "finding_category": ABNORMAL_STRUCTURE,
-            "algorithm_id": algorithm_id,
-            "finding_sites": [site],
+            "finding_sites": _sites(ZONE_CODES[f.zone], f.side, side_first=True),
             "measurements": [
                 _volume_ml(f.volume_ml),
                 _measurement(ATTENUATION, round(f.mean_hu, 1), UNIT_HU, derivation=MEAN),
             ],
         }
-        if number in with_frames:
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    referenced_segment=segment_ref(number), **common
-                )
-            )
-        else:  # inconsistent input (a finding without voxels of its kind): keep the numbers
-            log.warning("finding %d has no %s voxels in the SEG", f.index, f.kind)
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
+        out.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=_segment_ref(ctx, seg, number),
+            algorithm_id=_algorithm_id(ctx), **common))
+        out.append(_partner(ctx, _region(ctx, view.slice, view.outline), common))
+    return out
 
-    # 5. Each lung zone: percent involved and zone score.
-    for i, z in enumerate(a.zones):
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(ctx, "tracking-zone", i, f"{z.side} {z.zone} zone"),
-                finding_type=ZONE_CODES[z.zone],
-                finding_category=ANATOMICAL_STRUCTURE,
-                algorithm_id=algorithm_id,
-                finding_sites=[
-                    hd.sr.FindingSite(ZONE_CODES[z.zone], laterality=SIDE_CODES[z.side])
-                ],
-                measurements=[
-                    _volume_ml(z.lung_ml),
-                    _extent_pct(z.involved_pct),
-                    _measurement(SEVERITY, z.score, UNIT_SCORE, algorithm_id=zone_algorithm),
-                ],
-            )
-        )
+
+def _zone_groups(ctx: _Context) -> list[Group]:
+    """Each lung zone: its volume, percent involved and zone score, anchored at a point of
+    that lung on the middle slice of the zone (thirds of the lung's extent along the
+    patient's head-foot axis, as the lesion stage divides it)."""
+    lung = ctx.lungs.labels.array
+    zone_algorithm = hd.sr.AlgorithmIdentification(
+        name=ctx.analysis.severity_scale or "unnamed severity scale",
+        version=ctx.algorithm_version, parameters=["score of one lung zone"],
+    )
+    centre = [ctx.ct.shape[1] / 2.0, ctx.ct.shape[2] / 2.0]
+    z_of = ctx.ct.index_to_lps([[k, *centre] for k in range(ctx.ct.shape[0])])[:, 2]
+    out: list[Group] = []
+    for i, z in enumerate(ctx.analysis.zones):
+        value = LUNG_LABELS[z.side]
+        ks = np.flatnonzero((lung == value).any(axis=(1, 2)))
+        slices: list[int] = []
+        if ks.size:
+            zs = z_of[ks]
+            lo, hi = float(zs.min()), float(zs.max())
+            third = np.clip(((hi - zs) / max(hi - lo, 1e-6) * 3).astype(int), 0, 2)
+            mine = ks[third == list(Zone).index(z.zone)]
+            if mine.size:
+                slices = [int(mine[mine.size // 2])]
+        out.append(_planar(
+            ctx, _anchor(ctx, lambda k, v=value: lung[k] == v, slices),
+            tracking_identifier=_tracking(ctx, "tracking-zone", i, f"{z.side} {z.zone} zone"),
+            finding_type=ZONE_CODES[z.zone],
+            finding_category=ANATOMICAL_STRUCTURE,
+            finding_sites=_sites(ZONE_CODES[z.zone], z.side, side_first=False),
+            measurements=[
+                _volume_ml(z.lung_ml),
+                _extent_pct(z.involved_pct),
+                _measurement(SEVERITY, z.score, UNIT_SCORE, algorithm_id=zone_algorithm),
+            ],
+        ))
+    return out
+
+
+def _build_sr(ctx: _Context, seg: hd.seg.Segmentation) -> hd.sr.ComprehensiveSR:
+    """TID 1500 with every group anchored on a CT image (an image region selected from it),
+    since viewers draw a measurement only where it has one (OHIF loads no report in which
+    any group lacks it).  Regions that are volumes (lungs, lesion kinds, lesions) have a
+    volumetric group referencing their SEG segment and a planar group with the same
+    tracking UID and text holding the image region: the outline of a lesion on its largest
+    slice, a point for the others."""
+    groups: list[Group] = [
+        _study_group(ctx),
+        *_lung_groups(ctx, seg),
+        *_kind_groups(ctx, seg),
+        *_lesion_groups(ctx, seg),
+        *_zone_groups(ctx),
+    ]
     ctx.n_groups = len(groups)
 
-    observer = hd.sr.ObserverContext(
-        observer_type=DEVICE,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_name_based_uid("device", ctx.algorithm_name, ctx.algorithm_version),
-            name=ctx.algorithm_name,
-            manufacturer_name=ctx.config.manufacturer or None,
-            model_name=f"{ctx.algorithm_name} {ctx.algorithm_version}",
-        ),
-    )
+    observer = _device_observer(ctx)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CT_OF_CHEST,
@@ -716,7 +940,7 @@ def _build_sr(ctx: _Context, seg: hd.seg.Segmentation) -> hd.sr.Comprehensive3DS
         # referenced in the evidence sequence anyway.
         referenced_images=[ctx.sources[k] for k in ctx.key_slices] or [ctx.sources[0]],
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.ComprehensiveSR(  # image regions are 2D SCOORDs: no SCOORD3D, no 3D SR
         evidence=[*ctx.sources, seg],
         content=report[0],
         series_instance_uid=ctx.uid("sr-series"),
@@ -727,9 +951,78 @@ def _build_sr(ctx: _Context, seg: hd.seg.Segmentation) -> hd.sr.Comprehensive3DS
         is_complete=True,
         is_final=False,  # PRELIMINARY: an unverified machine result
         is_verified=False,
+        previous_versions=_predecessors(ctx) or None,
         series_description=f"{ctx.algorithm_name} SR - {DISCLAIMER}"[:64],
         **ctx.common_kwargs(),
     )
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    return sr
+
+
+def _private_scheme() -> pydicom.Dataset:
+    """The Coding Scheme Identification item of ctscreen's private codes (PS3.3 C.12.1)."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
+    item.CodingSchemeResponsibleOrganization = "the ctscreen project"
+    return item
+
+
+def _device_observer(ctx: _Context) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_name_based_uid("device", ctx.algorithm_name, ctx.algorithm_version),
+            name=ctx.algorithm_name,
+            manufacturer_name=ctx.config.manufacturer or None,
+            model_name=f"{ctx.algorithm_name} {ctx.algorithm_version}",
+        ),
+    )
+
+
+def _build_kos(ctx: _Context, sr: pydicom.Dataset, key_images: Sequence[pydicom.Dataset]
+               ) -> hd.ko.KeyObjectSelectionDocument:
+    """A Key Object Selection document ("Of Interest") flagging the key images and the SR,
+    so that a PACS marks them as the study's key objects."""
+    selected = [*key_images, sr]
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest,
+        referenced_objects=selected,
+        observer_device_context=_device_observer(ctx),
+        description=f"{ctx.algorithm_name}: one key image per finding, and the measurement "
+                    f"report ({DISCLAIMER})",
+    )
+    kw = ctx.common_kwargs()
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=selected,
+        content=content,
+        series_instance_uid=ctx.uid("ko-series"),
+        series_number=SERIES_NUMBERS["ko"],
+        sop_instance_uid=ctx.uid("ko-instance"),
+        instance_number=1,
+        manufacturer=ctx.config.manufacturer or None,
+        institution_name=kw.get("institution_name"),
+        series_description=f"{ctx.algorithm_name} key objects - {DISCLAIMER}"[:64],
+    )
+    if ctx.created is not None:
+        kos.ContentDate = pydicom.valuerep.DA(ctx.created.date())
+        kos.ContentTime = pydicom.valuerep.TM(ctx.created.time())
+    return kos
+
+
+def _predecessors(ctx: _Context) -> list[pydicom.Dataset]:
+    """The replaced SRs as highdicom's ``previous_versions`` wants them (their identifying
+    attributes; they are in the same study)."""
+    out = []
+    for ref in ctx.previous:
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID = ctx.sources[0].StudyInstanceUID
+        ds.SeriesInstanceUID = ref.series_instance_uid
+        ds.SOPClassUID = ref.sop_class_uid
+        ds.SOPInstanceUID = ref.sop_instance_uid
+        out.append(ds)
+    return out
 
 
 # ---------------------------------------------------------------- key images
@@ -761,6 +1054,73 @@ def choose_key_slices(
     return chosen
 
 
+def choose_finding_slices(
+    ranked: Sequence[Sequence[int]], areas: Sequence[Sequence[int]], n: int, min_gap: int = 1
+) -> list[tuple[int, int]]:
+    """One key slice per finding, for the first ``n`` findings (largest first) that still
+    have a slice of their own: ``(position of the finding, slice)``.
+
+    ``ranked[i]`` are finding i's slices by decreasing area ``areas[i]``.  Each finding gets
+    its largest slice not yet taken; where that lies within ``min_gap`` of a chosen slice (it
+    would show nearly the same image), a slice at least that far away is preferred if it
+    still holds half the finding's largest area."""
+    chosen: list[tuple[int, int]] = []
+    for i, (slices, area) in enumerate(zip(ranked, areas, strict=True)):
+        if len(chosen) == n:
+            break
+        taken = {k for _, k in chosen}
+        free = [(k, a) for k, a in zip(slices, area, strict=True) if k not in taken and a > 0]
+        if not free:
+            continue  # every slice of it is shown already
+        far = [(k, a) for k, a in free if all(abs(k - c) >= min_gap for _, c in chosen)
+               and 2 * a >= area[0]]
+        chosen.append((i, (far or free)[0][0]))
+    return chosen
+
+
+@dataclass(frozen=True)
+class LesionView:
+    """Where to show one finding: its slices by decreasing area, and the outline of it on
+    its largest slice as SCOORD image coordinates ((column, row), pixel centres at +0.5;
+    closed: the first point is repeated at the end), or one point where it is too small
+    for an outline."""
+
+    ranked_slices: tuple[int, ...]
+    ranked_areas: tuple[int, ...]
+    outline: npt.NDArray[np.float32]
+
+    @property
+    def slice(self) -> int:
+        return self.ranked_slices[0]
+
+
+def lesion_view(labels: npt.NDArray[np.uint8], f: Finding) -> LesionView:
+    box, mask = finding_mask(labels, f)
+    area = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    order = np.lexsort((np.arange(area.size), -area))
+    order = order[area[order] > 0]
+    k = int(order[0])
+    plane = mask[k]
+    pieces, n = ndi.label(plane)
+    if n > 1:  # the largest piece of it on that slice
+        plane = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
+    r0, c0 = box[1].start, box[2].start
+    contours = measure.find_contours(np.pad(plane, 1).astype(np.float32), 0.5)
+    ring = max(contours, key=len) if contours else np.zeros((0, 2))
+    ring = measure.approximate_polygon(ring, tolerance=0.5)
+    if len(ring) >= 4 and np.allclose(ring[0], ring[-1]):
+        # padded (row, col) -> image (column, row): -1 for the pad, +0.5 to pixel centres
+        xy = np.stack([ring[:, 1] - 0.5 + c0, ring[:, 0] - 0.5 + r0], axis=1)
+    else:
+        rr, cc = np.nonzero(plane)
+        xy = np.array([[cc.mean() + 0.5 + c0, rr.mean() + 0.5 + r0]])
+    return LesionView(
+        ranked_slices=tuple(int(i) + box[0].start for i in order),
+        ranked_areas=tuple(int(area[i]) for i in order),
+        outline=xy.astype(np.float32),
+    )
+
+
 def _outline(mask: npt.NDArray[np.bool_], width: int = 1) -> npt.NDArray[np.bool_]:
     """Inner boundary of a 2-D mask, ``width`` pixels thick (4-neighbour erosion)."""
     inner = mask.copy()
@@ -780,13 +1140,29 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> str:
-    """``text``, shortened with "..." until it fits ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+def wrap_caption(draw: ImageDraw.ImageDraw, lines: Sequence[str], font: Any,
+                 width: float) -> list[str]:
+    """``lines`` broken at spaces (a word wider than ``width`` at characters) so that every
+    line fits ``width`` pixels: nothing of the caption is cut off."""
+    out: list[str] = []
+    for text in lines:
+        line = ""
+        for word in text.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if draw.textlength(candidate, font=font) <= width:
+                line = candidate
+                continue
+            if line:
+                out.append(line)
+            while draw.textlength(word, font=font) > width and len(word) > 1:
+                cut = len(word) - 1
+                while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                    cut -= 1
+                out.append(word[:cut])
+                word = word[cut:]
+            line = word
+        out.append(line)
+    return out
 
 
 def render_key_image(
@@ -825,12 +1201,18 @@ def render_key_image(
     size = max(12, w // 32)
     font = _font(size)
     line_h = size + size // 3
-    band = line_h * (len(caption) + 1) + size // 2
+    pad = max(4, w // 64)
+    measure_draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend = [("lung", COLOURS[Side.RIGHT]), ("lung", COLOURS[Side.LEFT]),
+              ("GGO", COLOURS[LesionKind.GGO]),
+              ("consolidation", COLOURS[LesionKind.CONSOLIDATION])]
+    legend_rows = _legend_rows(measure_draw, legend, font, w - 2 * pad)
+    wrapped = wrap_caption(measure_draw, caption, font, w - 2 * pad)
+    band = line_h * (len(wrapped) + len(legend_rows)) + size // 2
     img = Image.new("RGB", (w, h + band), (0, 0, 0))
     img.paste(Image.fromarray(rgb, "RGB"), (0, 0))
     draw = ImageDraw.Draw(img)
     marker_font = _font(max(14, w // 20))
-    pad = max(4, w // 64)
     white, black = (255, 255, 255), (0, 0, 0)
     for x_pos, text, anchor in ((pad, edges.left, "lm"), (w - pad, edges.right, "rm")):
         draw.text(
@@ -838,15 +1220,42 @@ def render_key_image(
             stroke_width=max(1, size // 8), stroke_fill=black,
         )
     y = h + size // 4
-    for line in caption:
-        draw.text((pad, y), _fit(draw, line, font, w - 2 * pad), fill=(255, 255, 255), font=font)
+    for line in wrapped:
+        draw.text((pad, y), line, fill=(255, 255, 255), font=font)
         y += line_h
-    x = float(pad)
-    for label, colour in (("lung", COLOURS[Side.LEFT]), ("GGO", COLOURS[LesionKind.GGO]),
-                          ("consolidation", COLOURS[LesionKind.CONSOLIDATION])):
-        draw.text((x, y), label, fill=colour, font=font)
-        x += draw.textlength(label + "   ", font=font)
+    for row in legend_rows:
+        x = float(pad)
+        for label, colour in row:
+            draw.text((x, y), label, fill=colour, font=font)
+            x += draw.textlength(label + "   ", font=font)
+        y += line_h
     return np.asarray(img, dtype=np.uint8), edges, factor
+
+
+def _legend_rows(draw: ImageDraw.ImageDraw, items: Sequence[tuple[str, tuple[int, int, int]]],
+                 font: Any, width: float) -> list[list[tuple[str, tuple[int, int, int]]]]:
+    """The colour legend's words, as many to a row as fit ``width``."""
+    rows: list[list[tuple[str, tuple[int, int, int]]]] = [[]]
+    x = 0.0
+    for label, colour in items:
+        step = draw.textlength(label + "   ", font=font)
+        if rows[-1] and x + draw.textlength(label, font=font) > width:
+            rows.append([])
+            x = 0.0
+        rows[-1].append((label, colour))
+        x += step
+    return rows
+
+
+def _image_position(src: pydicom.Dataset, ct: Volume, k: int) -> str:
+    """How a viewer names the source slice: its series and instance numbers and its table
+    position (Slice Location where given, else the patient z of its position)."""
+    number = src.get("InstanceNumber")
+    loc = src.get("SliceLocation")
+    z = float(loc) if loc not in (None, "") else float(ct.index_to_lps([k, 0, 0])[0, 2])
+    series = src.get("SeriesNumber")
+    head = f"Series {series} image {number}" if series not in (None, "") else f"Image {number}"
+    return f"{head} ({'location' if loc not in (None, '') else 'z'} {z:.1f} mm)"
 
 
 def _build_key_images(ctx: _Context) -> list[hd.sc.SCImage]:
@@ -857,16 +1266,20 @@ def _build_key_images(ctx: _Context) -> list[hd.sc.SCImage]:
     ks = ctx.key_slices
     ref = ctx.sources[0]
     out = []
-    for i, k in enumerate(ks, start=1):
+    by_index = {f.index: f for f in a.findings}
+    for i, (k, shown) in enumerate(zip(ks, ctx.key_findings, strict=True), start=1):
         src = ctx.sources[k]
-        area_cm2 = int(np.count_nonzero(les[k])) * ct.spacing[1] * ct.spacing[2] / 100.0
+        f = by_index.get(shown)
+        what = (f"Lesion {f.index} of {a.n_findings_total}: {f.kind}, {f.volume_ml:.1f} ml, "
+                f"{f.side} {f.zone} zone, mean {f.mean_hu:.0f} HU" if f is not None
+                else "No lesion found")
         caption = [
             DISCLAIMER,
-            f"Suspicion {a.suspicion:.2f} | RSNA: {PATTERN_CAPTIONS[a.pattern]}",
+            f"Suspicion {a.suspicion:.2f} | RSNA category: {PATTERN_CAPTIONS[a.pattern]}",
             f"Involvement {a.involved_pct:.1f}% | severity {a.severity_score}/{a.severity_max} "
             f"({a.severity_scale})",
-            f"Slice {k + 1}/{ct.shape[0]}, lesion area {area_cm2:.1f} cm2 | "
-            f"{ctx.algorithm_name} {ctx.algorithm_version}",
+            what,
+            f"{_image_position(src, ct, k)} | {ctx.algorithm_name} {ctx.algorithm_version}",
         ]
         pixels, edges, factor = render_key_image(ct, lung, les, k, caption, ctx.config)
         image = hd.sc.SCImage.from_ref_dataset(

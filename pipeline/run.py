@@ -8,11 +8,16 @@ Each stage is a function of its inputs; a stage that cannot go on raises
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -49,9 +54,54 @@ class Stages:
         return (f"{__version__}+{self.lungs.name}-{self.lungs.version}"
                 f"+{self.lesions.name}-{self.lesions.version}")
 
+    @cached_property
+    def content_key(self) -> str:
+        """sha256 of everything a result's content depends on besides the CT itself: the
+        package version, the code of the modules that compute and encode results, each
+        stage's method and version, each model file's sha256 (and the lung cross-check's
+        method), and the analysis configuration.  It enters the fingerprint that decides a
+        re-screen and every output UID (``pipeline/report.py: content_identity``)."""
+        doc = {
+            "package": __version__,
+            "code": code_digest(),
+            "lungs": stage_identity(self.lungs),
+            "lesions": stage_identity(self.lesions),
+            "analysis": self.config.analysis_key(),
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
     @classmethod
     def load(cls, config: Config) -> Stages:
         return cls(config, segmenter_for(config.lungs), detector_for(config.lesions))
+
+
+# The modules whose code decides what a result says: a change to any of them changes
+# ``Stages.content_key`` (and so re-screens and writes new UIDs), whether or not someone
+# remembered to bump a stage version.  Transport (archives, outbox, batch) is not here.
+CONTENT_MODULES = ("artefacts.py", "volume.py", "lungs.py", "lesions.py", "representation.py",
+                   "inference.py", "report.py", "selection.py")
+
+
+def code_digest() -> str:
+    """sha256 over the source of ``CONTENT_MODULES`` (as installed)."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in CONTENT_MODULES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stage_identity(stage: Any) -> dict[str, Any]:
+    """A stage's method, version and model file hash (and its cross-check's, where any)."""
+    out: dict[str, Any] = {"name": stage.name, "version": stage.version}
+    spec = getattr(stage, "spec", None)
+    if spec is not None:
+        out["model_sha256"] = spec.sha256
+        out["model_z_step_mm"] = spec.z_step_mm
+    cross = getattr(stage, "cross", None)
+    if cross is not None:
+        out["cross_check"] = stage_identity(cross)
+    return out
 
 
 def run_study(
@@ -128,6 +178,8 @@ def screen_study(
             cfg.report,
             algorithm_name=ALGORITHM_NAME,
             algorithm_version=stages.algorithm_version,
+            content_key=stages.content_key,
+            previous=study.previous_results,
         )
     right, left = analysis.lungs
     result = replace(
@@ -144,7 +196,7 @@ def screen_study(
     )
     return result, [("seg", objects.seg), ("sr", objects.sr)] + [
         ("sc", d) for d in objects.key_images
-    ]
+    ] + [("ko", objects.kos)]
 
 
 def check_size_limits(series: SeriesRef, limits: BatchConfig) -> None:

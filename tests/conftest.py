@@ -64,7 +64,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 def site_config(orthanc: Orthanc, folder: Path, **listen: object) -> Path:
-    """A site file naming the test Orthanc three ways (C-GET, C-MOVE, DICOMweb)."""
+    """A site file naming the test Orthanc four ways (C-GET, C-MOVE, C-GET with superseded
+    results deleted by REST, DICOMweb)."""
     move_port = orthanc.modalities["ctscreen"][1]
     text = f"""
 archives:
@@ -85,6 +86,18 @@ archives:
     retrieve: c-move
     move_port: {move_port}
     timeout_s: 10
+  pacs-clean:  # C-GET, and superseded results deleted through Orthanc's REST API
+    kind: dimse
+    host: 127.0.0.1
+    port: {orthanc.dicom_port}
+    called_ae: {AET}
+    calling_ae: {OUR_AE}
+    retrieve: c-get
+    timeout_s: 10
+    delete: orthanc-rest
+    rest_url: {orthanc.url}
+    username: {USER}
+    password_env: {PASSWORD_ENV}
   pacs-web:
     kind: dicomweb
     url: {orthanc.dicomweb_url}

@@ -4,17 +4,23 @@ delivery into a real folder archive, and the query window it relies on."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+import pydicom
 from orthanc import free_port
+from test_pacs import write_phantom
 from test_pacs_faults import _small_sc
 
 from pipeline.archive import open_archive
-from pipeline.archive.folder import FolderArchive
+from pipeline.archive.folder import RESULTS_DIR, FolderArchive
 from pipeline.artefacts import QueryWindow
-from pipeline.config import ArchiveConfig, OutboxConfig
+from pipeline.batch import run_batch
+from pipeline.config import ArchiveConfig, Config, OutboxConfig
 from pipeline.outbox import Outbox
+from pipeline.run import Stages
+from pipeline.worklist import Worklist
 from pipeline.writeback import write_back
 
 
@@ -46,7 +52,8 @@ def test_backoff_doubles_while_the_archive_is_down(tmp_path: Path) -> None:
         done = ob.deliver(folder)
         assert set(done.delivered) == {a.SOPInstanceUID, b.SOPInstanceUID}
         assert folder.contains(a.StudyInstanceUID, a.SOPInstanceUID)
-        assert ob.counts(folder.name) == {"pending": 0, "delivered": 2, "refused": 0}
+        assert ob.counts(folder.name) == {"pending": 0, "delivered": 2, "refused": 0,
+                                          "superseded": 0}
         assert ob.counts(down.name)["pending"] == 2  # kept for the archive that is down
 
 
@@ -60,3 +67,36 @@ def test_query_window_bounds() -> None:
     assert w.holds("", "") is None  # no StudyDate: the caller keeps it and says so
     assert QueryWindow.since(None).unbounded and QueryWindow().date_range() == ""
     assert QueryWindow(None, datetime(2024, 1, 5)).date_range() == "-20240105"
+
+
+def test_a_result_replaced_before_delivery_is_never_delivered(tmp_path: Path) -> None:
+    """The archive cannot take results (its result folder is a file: a real write failure)
+    while a study is screened, then screened again under a changed configuration: the first
+    result is withdrawn from the outbox, and once the archive works it receives the second
+    result only."""
+    root = tmp_path / "archive"
+    study = write_phantom(root / "study", seed=12)
+    (root / RESULTS_DIR).write_text("not a folder")
+    archive = FolderArchive(root)
+    config = Config(outbox=OutboxConfig(backoff_initial_s=0.0, backoff_max_s=0.0))
+    changed = replace(config, lesions=replace(config.lesions,
+                                              ggo_min_hu=config.lesions.ggo_min_hu + 100))
+    with Worklist(tmp_path / "wl.sqlite") as wl, Outbox(tmp_path / "ob", config.outbox) as ob:
+        first = run_batch(archive, Stages.load(config), wl, outbox=ob)
+        assert first.by_status == {"analysed": 1} and first.outbox_pending >= 3
+        old = {o.sop_instance_uid for o in wl.outputs(study)}
+        second = run_batch(archive, Stages.load(changed), wl, outbox=ob)
+        assert second.by_status == {"analysed": 1}
+        new = {o.sop_instance_uid for o in wl.outputs(study)}
+        assert not old & new
+        state = {it.sop_uid: it.state for it in ob.items()}
+        assert {state[u] for u in old} == {"superseded"}
+        assert ob.counts()["pending"] == len(new)
+        assert len(list((tmp_path / "ob" / "objects").glob("*.dcm"))) == len(new)
+
+        (root / RESULTS_DIR).unlink()  # the archive works again
+        third = run_batch(archive, Stages.load(changed), wl, outbox=ob)
+        assert third.skipped_unchanged == 1 and third.outbox_delivered == len(new)
+        held = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in (root / RESULTS_DIR).rglob("*.dcm")}
+        assert held == new

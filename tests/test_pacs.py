@@ -7,9 +7,11 @@ stored compressed (JPEG-LS, JPEG 2000 lossless) retrieved as stored.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,8 @@ from pipeline.run import Stages
 from pipeline.worklist import Worklist
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SR = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+KO = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SC = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 # The phantoms' StudyDate/Time (2020-03-01 02:00): runs on it leave other studies alone.
@@ -44,11 +47,11 @@ LIDC_STUDY = "1.3.6.1.4.1.14519.5.2.1.6279.6001.265704884949271879044145982159"
 
 def result_counts(orthanc: Orthanc, study_uid: str) -> dict[str, int]:
     """Instances per kind in the study: ct, sr, seg, sc (and series per kind)."""
-    out = {"ct": 0, "sr": 0, "seg": 0, "sc": 0, "other": 0, "series": 0}
+    out = {"ct": 0, "sr": 0, "seg": 0, "sc": 0, "ko": 0, "other": 0, "series": 0}
     for cls, counts in orthanc.series_by_class(study_uid).items():
         kind = (
             "ct" if cls == CT else "sr" if cls == SR else "seg" if cls == SEG
-            else "sc" if cls in SC else "other"
+            else "sc" if cls in SC else "ko" if cls == KO else "other"
         )
         out[kind] += sum(counts)
         out["series"] += len(counts)
@@ -170,6 +173,64 @@ def _dt(text: str) -> datetime:
 
 
 # ---------------------------------------------------------------- compressed, C-MOVE
+
+def _results(orthanc: Orthanc, study_uid: str) -> dict[str, pydicom.Dataset]:
+    """SOP Instance UID -> dataset of every result object (not CT) Orthanc holds."""
+    out = {}
+    for inst in orthanc.find("Instance", {"StudyInstanceUID": study_uid}):
+        r = orthanc.session.get(f"{orthanc.url}/instances/{inst['ID']}/file", timeout=60)
+        r.raise_for_status()
+        ds = pydicom.dcmread(io.BytesIO(r.content))
+        if ds.SOPClassUID != CT:
+            out[str(ds.SOPInstanceUID)] = ds
+    return out
+
+
+def test_changed_configuration_replaces_the_result_in_orthanc(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Screen, change the analysis configuration, screen again: Orthanc holds exactly the
+    new result set, under new UIDs; the new SR names the old one as its predecessor; the
+    worklist and the delivery state speak of the new set only."""
+    folder = tmp_path / "study"
+    study = write_phantom(folder, seed=11)
+    orthanc.upload(sorted(folder.glob("*.dcm")))
+    try:
+        config = load_config(site_config(orthanc, tmp_path))
+        archive = open_archive("pacs-clean", config.archives["pacs-clean"])
+        with Worklist(tmp_path / "wl.sqlite") as wl, Outbox(tmp_path / "outbox") as ob:
+            first = run_batch(archive, Stages.load(config), wl, outbox=ob, window=PHANTOM_NIGHT)
+            assert first.by_status == {"analysed": 1}, first.reasons
+            old = _results(orthanc, study)
+            assert {o.sop_instance_uid for o in wl.outputs(study)} == set(old)
+            (old_sr,) = [u for u, ds in old.items() if ds.SOPClassUID == SR]
+
+            changed = replace(config, lesions=replace(config.lesions,
+                                                      ggo_min_hu=config.lesions.ggo_min_hu + 100))
+            second = run_batch(archive, Stages.load(changed), wl, outbox=ob,
+                               window=PHANTOM_NIGHT)
+            assert second.by_status == {"analysed": 1} and second.skipped_unchanged == 0
+            new = _results(orthanc, study)
+            outputs = {o.sop_instance_uid for o in wl.outputs(study)}
+            assert set(new) == outputs and not set(new) & set(old)  # exactly the new set
+            (new_sr,) = [ds for ds in new.values() if ds.SOPClassUID == SR]
+            assert not {ds.SeriesInstanceUID for ds in new.values()} & {
+                ds.SeriesInstanceUID for ds in old.values()}
+            (pred,) = new_sr.PredecessorDocumentsSequence
+            assert pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+                .ReferencedSOPInstanceUID == old_sr
+            states = {it.sop_uid: it.state for it in ob.items()}
+            assert all(states[u] == "delivered" for u in outputs)
+            assert ob.counts()["pending"] == 0
+            (row,) = wl.rows()
+            assert row.result_uids["sr"] == [str(new_sr.SOPInstanceUID)]
+
+            third = run_batch(archive, Stages.load(changed), wl, outbox=ob,
+                              window=PHANTOM_NIGHT)
+            assert third.skipped_unchanged == 1 and set(_results(orthanc, study)) == set(new)
+    finally:
+        orthanc.delete_study(study)
+
 
 @pytest.mark.parametrize(
     ("door", "syntax"),

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +34,7 @@ from pipeline.artefacts import (
     LesionKind,
     LungFigure,
     LungMasks,
+    OutputRef,
     Pattern,
     Side,
     Volume,
@@ -38,12 +42,17 @@ from pipeline.artefacts import (
     ZoneFigure,
 )
 from pipeline.config import LesionsConfig, ReportConfig, VolumeConfig
-from pipeline.lesions import rsna_category
+from pipeline.lesions import finding_mask, rsna_category
 from pipeline.report import (
-    COVID_19,
+    CHEST_CT_TRIAGE,
     EXTENT,
     KIND_CODES,
+    LESION_SEGMENT_BASE,
+    LUNG,
     PATTERN_CODES,
+    PRIVATE_CODES,
+    PRIVATE_SCHEME,
+    RSNA_CATEGORY,
     SEGMENT_NUMBERS,
     VOLUME,
     ReportObjects,
@@ -53,6 +62,7 @@ from pipeline.report import (
     output_uid,
     patient_direction_letter,
     render_key_image,
+    wrap_caption,
 )
 from pipeline.volume import build_volume, stack_geometry
 
@@ -158,6 +168,8 @@ def _finding(ct: Volume, index: int, kind: LesionKind, box: Any, mean_hu: float)
         bbox_min_lps=tuple(float(v) for v in lps.min(axis=0)),  # type: ignore[arg-type]
         bbox_max_lps=tuple(float(v) for v in lps.max(axis=0)),  # type: ignore[arg-type]
         voxel_count=len(idx),
+        voxel_box=(*(int(v) for v in idx.min(axis=0)), *(int(v) + 1 for v in idx.max(axis=0))),
+        seed_index=tuple(int(v) for v in idx[0]),
     )
 
 
@@ -259,12 +271,15 @@ def _dciodvfy(path: Path) -> list[str]:
 def _all(objects: ReportObjects) -> list[tuple[str, pydicom.Dataset]]:
     return [("sr", objects.sr), ("seg", objects.seg)] + [
         (f"sc{i}", d) for i, d in enumerate(objects.key_images)
-    ]
+    ] + [("ko", objects.kos)]
 
 
 # Warnings that come from the source headers, not from us: single-component person names
 # (COPDGene), Study Time / Study ID absent in the de-identified LIDC-IDRI series.
-_SOURCE_WARNINGS = ("Retired Person Name form", "needed to build DICOMDIR - Study")
+# And our private coding scheme: dciodvfy knows only the standard's designators, and says so
+# for every code of it (the scheme is declared in the SR's Coding Scheme Identification).
+_SOURCE_WARNINGS = ("Retired Person Name form", "needed to build DICOMDIR - Study",
+                    "Unrecognized defined term <99CTSCREEN>")
 
 
 def _assert_valid(objects: ReportObjects, tmp_path: Path) -> list[str]:
@@ -287,10 +302,10 @@ def test_objects_pass_dciodvfy(built: ReportObjects, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("pattern", "code"), [
-    (Pattern.TYPICAL, ("415684004", "Suspected")),
-    (Pattern.INDETERMINATE, ("82334004", "Indeterminate")),
-    (Pattern.ATYPICAL, ("112231000", "Atypical")),
-    (Pattern.NEGATIVE, ("260385009", "Negative")),
+    (Pattern.TYPICAL, ("CTS0011", "Typical appearance")),
+    (Pattern.INDETERMINATE, ("CTS0012", "Indeterminate appearance")),
+    (Pattern.ATYPICAL, ("CTS0013", "Atypical appearance")),
+    (Pattern.NEGATIVE, ("CTS0014", "Negative for pneumonia")),
 ])
 def test_each_rsna_category_is_coded_in_a_valid_sr(case: Case, tmp_path: Path,
                                                    pattern: Pattern, code: tuple[str, str]) -> None:
@@ -300,11 +315,16 @@ def test_each_rsna_category_is_coded_in_a_valid_sr(case: Case, tmp_path: Path,
     lines = _dciodvfy(sr_path)
     assert not [ln for ln in lines if ln.startswith("Error")], lines
     assert all(any(w in ln for w in _SOURCE_WARNINGS) for ln in lines), lines
-    report: Any = hd.sr.srread(sr_path).content
-    (study,) = report.get_image_measurement_groups(finding_type=COVID_19)
-    (evaluation,) = study.get_qualitative_evaluations(name=COVID_19)
+    sr = hd.sr.srread(sr_path)
+    report: Any = sr.content
+    (study,) = report.get_planar_roi_measurement_groups(finding_type=CHEST_CT_TRIAGE)
+    (evaluation,) = study.get_qualitative_evaluations(name=RSNA_CATEGORY)
     assert (evaluation.value.value, evaluation.value.scheme_designator,
-            evaluation.value.meaning) == (code[0], "SCT", code[1])
+            evaluation.value.meaning) == (code[0], PRIVATE_SCHEME, code[1])
+    # the disease is never asserted; the private scheme is declared in the object
+    assert "840539006" not in str(sr)
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME and scheme.CodingSchemeName
 
 
 def test_objects_reference_the_source_study(built: ReportObjects, case: Case) -> None:
@@ -355,21 +375,48 @@ def test_seg_decodes_back_to_the_masks(built: ReportObjects, case: Case, tmp_pat
     # lesions lie inside the lungs: the SEG says its segments overlap
     assert (expected[..., 2:].any(axis=-1) & expected[..., :2].any(axis=-1)).any()
     assert seg.SegmentsOverlap == "YES"
+    # Each lesion alone: exactly its voxels, under its SR group's tracking UID and text.
+    findings = case.analysis.findings
+    numbers = [LESION_SEGMENT_BASE + f.index for f in findings]
+    alone = seg.get_pixels_by_source_instance(uids, segment_numbers=numbers).astype(bool)
+    for j, f in enumerate(findings):
+        box, mask = finding_mask(case.analysis.labels.array, f)
+        full = np.zeros(case.ct.shape, bool)
+        full[box] = mask
+        assert np.array_equal(alone[..., j], full[ks]), f.index
+        assert int(alone[..., j].sum()) == f.voxel_count
     # Only frames with content are stored.
-    assert seg.NumberOfFrames == int(np.count_nonzero(expected.any(axis=(1, 2))))
+    every = np.concatenate([expected, alone], axis=-1)
+    assert seg.NumberOfFrames == int(np.count_nonzero(every.any(axis=(1, 2))))
     labels = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
     assert labels == {1: "Right lung", 2: "Left lung", 3: "Ground-glass opacity",
-                      4: "Consolidation"}
+                      4: "Consolidation", 5: "Lesion 1 (ground-glass opacity)",
+                      6: "Lesion 2 (consolidation)"}
+    assert seg.ContentCreatorName
+    colours = {s.SegmentNumber: tuple(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence}
+    assert colours[1] != colours[2]  # the two lungs are told apart
     right = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
     assert right.CodeValue == "39607008"
     assert right.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
     assert seg.SegmentSequence[3].SegmentedPropertyTypeCodeSequence[0].CodeValue == "95436008"
     series = str(case.sources[0].SeriesInstanceUID)
     tracking = {s.SegmentNumber: s.TrackingUID for s in seg.SegmentSequence}
-    assert tracking[1] == output_uid(series, VERSION, "tracking-lung", 1)  # = the SR group's
-    assert tracking[3] == output_uid(series, VERSION, "tracking-kind", 3)
+    assert tracking[1] == output_uid(series, built.identity, "tracking-lung", 1)  # = the SR group's
+    assert tracking[3] == output_uid(series, built.identity, "tracking-kind", 3)
+    assert tracking[5] == output_uid(series, built.identity, "tracking-lesion", 1)
+    texts = {s.TrackingUID: s.TrackingID for s in seg.SegmentSequence}
+    sr_texts = {str(g.tracking_uid): g.tracking_identifier for g in
+                hd.sr.srread(_write(built.sr, tmp_path / "sr.dcm")).content
+                .get_volumetric_roi_measurement_groups()}
+    assert {u: texts[u] for u in sr_texts} == sr_texts  # one text per tracking UID
     alg = seg.SegmentSequence[2].SegmentationAlgorithmIdentificationSequence[0]
     assert (alg.AlgorithmName, alg.AlgorithmVersion) == (NAME, VERSION)
+
+
+def _region_sop(region: Any) -> str:
+    """The SOP Instance UID of the image an SCOORD was selected from."""
+    (image,) = region.ContentSequence
+    return str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
 def _measurements(group: Any) -> dict[str, tuple[float, str]]:
@@ -382,23 +429,35 @@ def test_sr_holds_the_measurements(built: ReportObjects, case: Case, tmp_path: P
     a = case.analysis
     series = str(case.sources[0].SeriesInstanceUID)
 
-    study = report.get_image_measurement_groups(
-        tracking_uid=output_uid(series, VERSION, "tracking-study")
+    study = report.get_planar_roi_measurement_groups(
+        tracking_uid=output_uid(series, built.identity, "tracking-study")
     )
     assert len(study) == 1
-    (evaluation,) = study[0].get_qualitative_evaluations(name=COVID_19)
+    (evaluation,) = study[0].get_qualitative_evaluations(name=RSNA_CATEGORY)
     # bilateral ground glass (and consolidation) that is not peripheral: indeterminate
     assert a.pattern is Pattern.INDETERMINATE
-    assert evaluation.value.value == "82334004"  # Indeterminate
+    assert evaluation.value.value == "CTS0012"  # Indeterminate appearance
     m = _measurements(study[0])
     assert m["Extent"] == (pytest.approx(a.involved_pct, abs=1e-3), "%")
     assert m["Severity"] == (a.severity_score, "{score}")
-    assert m["Score"] == (pytest.approx(a.suspicion, abs=1e-4), "1")
+    assert m["Triage suspicion score"] == (pytest.approx(a.suspicion, abs=1e-4), "1")
+
+    # Every group is anchored on a CT image: planar with an image region, or volumetric
+    # with a planar partner of the same tracking UID and text.
+    sop_to_k = {str(d.SOPInstanceUID): k for k, d in enumerate(case.sources)}
+    planar = {str(g.tracking_uid): g for g in report.get_planar_roi_measurement_groups()}
+    for g in planar.values():
+        region = g.reference_type.value, g.roi
+        assert region[0] == "111030"  # Image Region
+        assert _region_sop(g.roi) in sop_to_k
+    for g in report.get_volumetric_roi_measurement_groups():
+        assert planar[str(g.tracking_uid)].tracking_identifier == g.tracking_identifier
+    assert not report.get_image_measurement_groups()  # no group without a region
 
     for fig in a.lungs:
         number = SEGMENT_NUMBERS[fig.side]
         (group,) = report.get_volumetric_roi_measurement_groups(
-            tracking_uid=output_uid(series, VERSION, "tracking-lung", number)
+            tracking_uid=output_uid(series, built.identity, "tracking-lung", number)
         )
         assert group.referenced_segment is not None
         seg_item = group.referenced_segment[0]
@@ -407,8 +466,11 @@ def test_sr_holds_the_measurements(built: ReportObjects, case: Case, tmp_path: P
         m = _measurements(group)
         assert m["Volume"] == (pytest.approx(fig.volume_ml, abs=1e-3), "ml")
         assert m["Extent"][0] == pytest.approx(fig.involved_pct, abs=1e-3)
-        assert group.finding_sites[0].laterality.value == ("24028007" if fig.side is Side.RIGHT
-                                                          else "7771000")
+        lung_site, side_site = group.finding_sites[1], group.finding_sites[0]
+        assert lung_site.value.value == LUNG.value
+        assert lung_site.laterality.value == ("24028007" if fig.side is Side.RIGHT
+                                              else "7771000")
+        assert side_site.value.meaning == f"{fig.side.value.capitalize()} lung"
 
     for kind in LesionKind:
         groups = report.get_volumetric_roi_measurement_groups(finding_type=KIND_CODES[kind])
@@ -419,17 +481,31 @@ def test_sr_holds_the_measurements(built: ReportObjects, case: Case, tmp_path: P
 
     for f in a.findings:
         (group,) = report.get_volumetric_roi_measurement_groups(
-            tracking_uid=output_uid(series, VERSION, "tracking-lesion", f.index)
+            tracking_uid=output_uid(series, built.identity, "tracking-lesion", f.index)
         )
         assert group.tracking_identifier == f"lesion {f.index}"
         assert group.finding_type.value == KIND_CODES[f.kind].value
         m = _measurements(group)
         assert m["Volume"] == (pytest.approx(f.volume_ml, abs=1e-3), "ml")
         assert m["Attenuation Coefficient"] == (pytest.approx(f.mean_hu, abs=0.05), "[hnsf'U]")
-        (site,) = group.finding_sites
+        side_site, site = group.finding_sites  # the side's lung first (what OHIF shows)
+        assert side_site.value.meaning == f"{f.side.value.capitalize()} lung"
         assert site.value.value == "281393007"  # middle zone of lung
         assert site.laterality.value == ("7771000" if f.side is Side.LEFT else "24028007")
-        assert group.referenced_segment[0].referenced_segment_numbers == [SEGMENT_NUMBERS[f.kind]]
+        assert group.referenced_segment[0].referenced_segment_numbers == [
+            LESION_SEGMENT_BASE + f.index]
+        # its outline, closed, on its largest slice, around its voxels there
+        outline = planar[str(group.tracking_uid)].roi
+        assert outline.GraphicType == "POLYLINE"
+        xy = np.asarray(outline.GraphicData, dtype=float).reshape(-1, 2)
+        assert np.allclose(xy[0], xy[-1]) and len(xy) >= 4
+        k = sop_to_k[_region_sop(outline)]
+        box, mask = finding_mask(a.labels.array, f)
+        area = mask.sum(axis=(1, 2))
+        assert area[k - box[0].start] == area.max()
+        rr, cc = np.nonzero(mask[k - box[0].start])
+        assert xy[:, 0].min() <= cc.min() + box[2].start + 0.5 <= xy[:, 0].max()
+        assert xy[:, 1].min() <= rr.min() + box[1].start + 0.5 <= xy[:, 1].max()
 
     # Procedure reported, device observer, image library of the whole series.
     assert sr.ContentSequence  # root container
@@ -445,9 +521,10 @@ def test_sr_holds_the_measurements(built: ReportObjects, case: Case, tmp_path: P
 
 
 def test_key_images(built: ReportObjects, case: Case) -> None:
-    assert len(built.key_images) == ReportConfig().key_images
+    findings = case.analysis.findings
+    assert len(built.key_images) == min(ReportConfig().key_images, len(findings)) == 2
     numbers = [d.InstanceNumber for d in built.key_images]
-    assert numbers == [1, 2, 3]
+    assert numbers == [1, 2]
     for sc in built.key_images:
         assert sc.BurnedInAnnotation == "YES"
         assert sc.BodyPartExamined
@@ -455,13 +532,21 @@ def test_key_images(built: ReportObjects, case: Case) -> None:
         assert sc.PatientOrientation == ["L", "P"]  # IOP [1,0,0,0,1,0]
         assert "StudyDescription" in sc
         assert sc.SeriesInstanceUID == built.key_images[0].SeriesInstanceUID
-    # The chosen slices hold the most lesion voxels.
+    # One per finding, largest first, each on a slice that holds it at its largest.
     les = case.analysis.labels.array
     sop_to_k = {d.SOPInstanceUID: k for k, d in enumerate(case.sources)}
     ks = [sop_to_k[d.SourceImageSequence[0].ReferencedSOPInstanceUID] for d in built.key_images]
-    area = np.count_nonzero(les.reshape(les.shape[0], -1), axis=1)
-    assert all(area[k] > 0 for k in ks)
-    assert area[ks[0]] == area.max()
+    assert len(set(ks)) == len(ks)
+    for f, k in zip(findings, ks, strict=True):
+        box, mask = finding_mask(les, f)
+        area = mask.sum(axis=(1, 2))
+        assert area[k - box[0].start] == area.max()
+    # The Key Object Selection document flags the key images and the SR.
+    kos = built.kos
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    flagged = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+               for i in kos.ContentSequence if i.ValueType in ("IMAGE", "COMPOSITE")}
+    assert flagged == {str(d.SOPInstanceUID) for d in (*built.key_images, built.sr)}
 
 
 def _flip_left_right(case: Case) -> Case:
@@ -525,8 +610,42 @@ def test_uids_are_idempotent_and_versioned(built: ReportObjects, case: Case) -> 
     # every UID in every object, nested ones included (highdicom draws some at random)
     assert _all_uids(again) == _all_uids(built)
     assert str(again.sr.ContentDate) == "20300506"  # content date follows ``created``
-    assert len({ds.SeriesInstanceUID for _, ds in _all(built)}) == 3  # one series per kind
-    assert len({ds.SOPInstanceUID for _, ds in _all(built)}) == 2 + len(built.key_images)
+    assert len({ds.SeriesInstanceUID for _, ds in _all(built)}) == 4  # one series per kind
+    assert len({ds.SOPInstanceUID for _, ds in _all(built)}) == 3 + len(built.key_images)
+
+
+def test_uids_follow_content_and_the_new_sr_names_the_one_it_replaces(
+    built: ReportObjects, case: Case
+) -> None:
+    """A changed configuration, model or code (``content_key``), and changed labels with
+    everything else equal, each give all-new UIDs; the replacing SR lists the old SR in its
+    Predecessor Documents Sequence, and a result is never its own predecessor."""
+
+    def uids(o: ReportObjects) -> set[str]:
+        return {str(u) for _, ds in _all(o) for u in (ds.SOPInstanceUID, ds.SeriesInstanceUID)}
+
+    old_sr = OutputRef("sr", str(built.sr.SOPClassUID), str(built.sr.SOPInstanceUID),
+                       str(built.sr.SeriesInstanceUID), "x")
+    reconfigured = _build(case, content_key="another configuration", previous=[old_sr])
+    assert not uids(reconfigured) & uids(built)
+    (pred,) = reconfigured.sr.PredecessorDocumentsSequence
+    assert pred.StudyInstanceUID == built.sr.StudyInstanceUID
+    (series,) = pred.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == built.sr.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == built.sr.SOPInstanceUID
+
+    labels = case.analysis.labels.array.copy()
+    k, r, c = np.argwhere(labels == 0)[0]
+    labels[k, r, c] = 1  # one voxel more of ground glass, nothing else changed
+    relabelled = replace(case.analysis, labels=replace(case.analysis.labels, array=labels))
+    one_voxel = build_report(
+        case.ct, case.sources, case.lungs, relabelled, ReportConfig(),
+        algorithm_name=NAME, algorithm_version=VERSION, created=CREATED,
+    )
+    assert not uids(one_voxel) & uids(built)
+
+    same = _build(case, previous=[old_sr])  # the same content again: the same UIDs
+    assert uids(same) == uids(built) and "PredecessorDocumentsSequence" not in same.sr
 
 
 def _all_uids(o: ReportObjects) -> list[str]:
@@ -555,12 +674,12 @@ def test_negative_study_builds_and_validates(small: tuple[Volume, list[pydicom.D
     assert len(objects.seg.SegmentSequence) == 4  # empty lesion segments stay described
     sr = hd.sr.srread(_write(objects.sr, tmp_path / "sr.dcm"))
     report: Any = sr.content
-    (study,) = report.get_image_measurement_groups(finding_type=COVID_19)
-    (evaluation,) = study.get_qualitative_evaluations(name=COVID_19)
-    assert evaluation.value.value == "260385009"  # Negative
-    # The empty lesion kinds are reported as 0 ml without an ROI reference.
+    (study,) = report.get_planar_roi_measurement_groups(finding_type=CHEST_CT_TRIAGE)
+    (evaluation,) = study.get_qualitative_evaluations(name=RSNA_CATEGORY)
+    assert evaluation.value.value == "CTS0014"  # Negative for pneumonia
+    # The empty lesion kinds are reported as 0 ml without a segment reference.
     for kind in LesionKind:
-        (g,) = report.get_image_measurement_groups(finding_type=KIND_CODES[kind])
+        (g,) = report.get_planar_roi_measurement_groups(finding_type=KIND_CODES[kind])
         assert _measurements(g)["Volume"] == (0.0, "ml")
     assert not report.get_volumetric_roi_measurement_groups(
         finding_type=KIND_CODES[LesionKind.GGO]
@@ -588,7 +707,8 @@ def test_geometry_mismatch_is_refused(case: Case) -> None:
 
 
 def test_codes_are_short_and_real(built: ReportObjects) -> None:
-    """Every code meaning <= 64 characters; no private coding schemes (99...)."""
+    """Every code meaning <= 64 characters; standard schemes only, except the private codes
+    of what has no standard code, which are declared and each used with its one meaning."""
     seen: list[pydicom.Dataset] = []
 
     def walk(ds: pydicom.Dataset) -> None:
@@ -604,7 +724,10 @@ def test_codes_are_short_and_real(built: ReportObjects) -> None:
     assert seen
     for item in seen:
         assert len(item.CodeMeaning) <= 64
-        assert not str(item.CodingSchemeDesignator).startswith("99")
+        if item.CodingSchemeDesignator == PRIVATE_SCHEME:
+            assert (item.CodeValue, item.CodeMeaning) in {(c.value, c.meaning)
+                                                          for c in PRIVATE_CODES}
+            continue
         assert item.CodingSchemeDesignator in {"SCT", "DCM", "UCUM", "LN", "RFC5646"}
     assert {(VOLUME.value, "SCT"), (EXTENT.value, "SCT")} <= {
         (i.CodeValue, i.CodingSchemeDesignator) for i in seen
@@ -662,3 +785,130 @@ def _make_case_big(ct: Volume, sources: list[pydicom.Dataset]) -> Case:
         suspicion=0.9, pattern=Pattern.TYPICAL, detector="test", n_findings_total=2,
     )
     return Case(ct, sources, LungMasks(ct.with_array(lung), "test"), analysis)
+
+
+# ---------------------------------------------------------------- key images of a phantom
+
+
+def test_three_separate_lesions_get_three_key_images(tmp_path: Path) -> None:
+    """The default phantom's three lesions (its truth masks, measured by the lesion stage):
+    one key image each, on three different slices, each caption naming its lesion, the
+    source image by its InstanceNumber and its table position."""
+    from pipeline.demo import DEMO_SHAPE, DEMO_SPACING
+    from pipeline.lesions import analyse
+    from pipeline.phantom.dicom import write_ct_series
+    from pipeline.phantom.model import PhantomSpec, make_grid, render
+
+    affine = make_grid(DEMO_SHAPE, DEMO_SPACING, "axial")
+    vol, truth = render(PhantomSpec(), affine, DEMO_SHAPE, slice_thickness_mm=DEMO_SPACING[0])
+    write_ct_series(vol, tmp_path / "ct", slice_thickness=DEMO_SPACING[0])
+    ct, ordered = build_volume(_read_series(tmp_path / "ct", pixels=True), VolumeConfig())
+    lungs = LungMasks(truth.lungs, "truth")
+    analysis = analyse(ct, lungs, truth.lesions, LesionsConfig(), "truth")
+    assert len(analysis.findings) == 3
+    objects = build_report(ct, ordered, lungs, analysis, ReportConfig(),
+                           algorithm_name=NAME, algorithm_version=VERSION, created=CREATED)
+    sop_to_k = {str(d.SOPInstanceUID): k for k, d in enumerate(ordered)}
+    ks = [sop_to_k[str(d.SourceImageSequence[0].ReferencedSOPInstanceUID)]
+          for d in objects.key_images]
+    assert len(set(ks)) == 3
+    for f, k in zip(analysis.findings, ks, strict=True):  # each slice shows its lesion
+        box, mask = finding_mask(analysis.labels.array, f)
+        assert mask[k - box[0].start].any()
+    _assert_valid(objects, tmp_path)
+
+
+def test_captions_are_never_cut_off(small: tuple[Volume, list[pydicom.Dataset]]) -> None:
+    """A narrow image and long caption lines: the caption wraps, and no text pixel comes
+    near the right or bottom edge (checked on the rendered pixels)."""
+    ct, _ = small
+    narrow = Volume(np.ascontiguousarray(ct.array[:, :, :12]), ct.affine)
+    lung = np.zeros(narrow.shape, np.uint8)
+    caption = ["AI triage - not for diagnosis",
+               "Lesion 12 of 40: ground-glass opacity, 123.4 ml, right lower zone, mean -612 HU",
+               "Series 3 image 206 (location -123.5 mm) | ctscreen 0.2.0+a-very-long-version"]
+    pixels, _, factor = render_key_image(narrow, lung, lung, narrow.shape[0] // 2, caption,
+                                         ReportConfig())
+    h_image = narrow.shape[1] * factor
+    band = pixels[h_image:]
+    assert band.shape[0] > 6 * 12  # more lines than given: the caption wrapped
+    ink = np.argwhere(band.max(axis=2) > 40)
+    w = pixels.shape[1]
+    assert ink[:, 1].max() < w - 2 and ink[:, 1].min() > 1  # nothing reaches the edges
+    assert ink[:, 0].max() < band.shape[0] - 2
+    # the wrapped lines hold every character of the caption, and each one fits
+    from PIL import Image, ImageDraw, ImageFont
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = ImageFont.load_default(size=12)
+    lines = wrap_caption(draw, caption, font, 80)
+    assert len(lines) > len(caption)
+    assert "".join(lines).replace(" ", "") == "".join(caption).replace(" ", "")
+    assert all(draw.textlength(ln, font=font) <= 80 for ln in lines)
+
+
+# ---------------------------------------------------------------- independent readers
+
+
+def _dcmqi(tool: str) -> str:
+    exe = shutil.which(tool) or str(Path(sys.executable).parent / tool)
+    if not Path(exe).exists():
+        msg = f"dcmqi's {tool} is not installed (pip: dcmqi, in the test extra)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+def test_dcmqi_reads_seg_and_sr_and_each_lesion_segment_is_that_lesion(
+    built: ReportObjects, case: Case, tmp_path: Path
+) -> None:
+    """dcmqi (an independent reader) converts the SEG to images and the SR to JSON without a
+    warning; every volumetric group's referenced segment, read back by dcmqi, holds the
+    volume the group reports (within 1%), lesion by lesion."""
+    import SimpleITK as sitk
+
+    seg_path = _write(built.seg, tmp_path / "seg.dcm")
+    sr_path = _write(built.sr, tmp_path / "sr.dcm")
+    out = tmp_path / "dcmqi"
+    out.mkdir()
+    run = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for cmd in (
+        [_dcmqi("segimage2itkimage"), "--inputDICOM", str(seg_path), "--outputDirectory",
+         str(out), "--outputType", "nrrd"],
+        [_dcmqi("tid1500reader"), "--inputDICOM", str(sr_path), "--outputMetadata",
+         str(out / "sr.json")],
+    )]
+    for r in run:
+        text = (r.stdout + r.stderr).lower()
+        assert r.returncode == 0 and "warn" not in text and "error" not in text, text
+    meta = json.loads((out / "meta.json").read_text())
+    files = {a["labelID"]: i + 1 for i, group in enumerate(meta["segmentAttributes"])
+             for a in group}
+    doc = json.loads((out / "sr.json").read_text())
+    checked = set()
+    for m in doc["Measurements"]:
+        if "ReferencedSegment" not in m:
+            continue
+        number = int(m["ReferencedSegment"])
+        image = sitk.ReadImage(str(out / f"{files[number]}.nrrd"))
+        ml = float(sitk.GetArrayViewFromImage(image).astype(bool).sum()) * float(
+            np.prod(image.GetSpacing())) / 1000.0
+        volume = next(float(i["value"]) for i in m["measurementItems"]
+                      if i["quantity"]["CodeMeaning"] == "Volume")
+        assert ml == pytest.approx(volume, rel=0.01), m["TrackingIdentifier"]
+        checked.add(m["TrackingIdentifier"])
+    assert {f"lesion {f.index}" for f in case.analysis.findings} <= checked
+    assert {"right lung", "left lung"} <= checked
+
+
+def test_ohif_draws_every_group_and_labels_each_lesion_with_its_volume(
+    built: ReportObjects, case: Case, shared_data: Path, tmp_path: Path
+) -> None:
+    """OHIF v3's released SR extension (tests/ohif) loads the SR, every measurement has
+    coordinates on a CT image of the series, and each lesion's label shows its volume."""
+    from ohif_reader import check_ohif_reading, require_ohif
+
+    require_ohif()
+    lesions = {f"lesion {f.index}": (f.volume_ml, f.side.value.capitalize())
+               for f in case.analysis.findings}
+    check_ohif_reading(_write(built.sr, tmp_path / "sr.dcm"), shared_data / SMALL_SERIES,
+                       lesions)

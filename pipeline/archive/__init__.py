@@ -4,6 +4,9 @@ An archive yields header datasets (no pixel data) with a locator, loads whole se
 analysis, and stores result objects.  Everything that touches files or the network lives
 behind this protocol; the stages never do I/O.
 
+Superseded results are removed by ``remove(ref)`` where an archive has one (the folder
+archive; an Orthanc with ``delete: orthanc-rest``, see ``orthanc_rest.py``).
+
 Kinds: ``folder`` (any tree of DICOM files), ``dimse`` (C-FIND, C-GET/C-MOVE, C-STORE with
 pynetdicom) and ``dicomweb`` (QIDO-RS, WADO-RS, STOW-RS with dicomweb-client).  A DICOM
 archive answers queries, not files: it looks at studies of the query window only, asks
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -63,14 +67,21 @@ class Archive(Protocol):
 
 def open_archive(name: str, config: ArchiveConfig) -> Archive:
     """The archive described by ``config`` (one entry of the config's ``archives:``)."""
-    if config.kind == "dimse":
-        from .dimse import DimseArchive
+    archive: Any
+    if config.kind in ("dimse", "dicomweb"):
+        if config.kind == "dimse":
+            from .dimse import DimseArchive
 
-        return DimseArchive(name, config)
-    if config.kind == "dicomweb":
-        from .dicomweb import DicomWebArchive
+            archive = DimseArchive(name, config)
+        else:
+            from .dicomweb import DicomWebArchive
 
-        return DicomWebArchive(name, config)
+            archive = DicomWebArchive(name, config)
+        if config.delete == "orthanc-rest":  # how superseded results are removed
+            from .orthanc_rest import OrthancRestDelete
+
+            archive.remove = OrthancRestDelete(archive.name, config)
+        return typing.cast(Archive, archive)
     from .folder import FolderArchive
 
     return FolderArchive(config.path)
