@@ -3,7 +3,8 @@
 # (Python extras and Debian packages: dicom3tools for dciodvfy; orthanc, orthanc-dicomweb and
 # orthanc-gdcm, the real PACS the tests start on loopback with their own configuration;
 # dcmtk, whose storescu/findscu are the independent DICOM implementation the tests talk to;
-# postgresql, the server the tests start in a temporary folder for the shared batch state).
+# postgresql, the server the tests start in a temporary folder for the shared batch state;
+# nodejs and npm, which run OHIF's SR extension from tests/ohif).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,8 @@ if [[ "${1:-}" == "--test" ]]; then
     [[ -f /usr/share/orthanc/plugins/libOrthancGdcm.so ]] || missing+=(orthanc-gdcm)
     command -v storescu >/dev/null && command -v findscu >/dev/null || missing+=(dcmtk)
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
     if ((${#missing[@]})); then
         echo "installing Debian packages: ${missing[*]}"
         sudo_cmd=""
@@ -36,3 +39,9 @@ if [[ -n "$extras" ]]; then
     .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 fi
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
+# With the test extras also the npm packages of tests/ohif (OHIF's SR extension, run in Node by
+# the tests), when they are missing or older than its package-lock.json.
+if [[ -n "$extras" ]] && { [[ ! -f tests/ohif/node_modules/.package-lock.json ]] \
+        || [[ tests/ohif/package-lock.json -nt tests/ohif/node_modules/.package-lock.json ]]; }; then
+    npm ci --prefix tests/ohif --no-audit --no-fund
+fi

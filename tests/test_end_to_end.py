@@ -6,15 +6,20 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
 from conftest import dciodvfy_lines
+from ohif_reader import check_ohif_reading, require_ohif
 
 from pipeline.cli import main
+from pipeline.config import LesionsConfig
 from pipeline.demo import write_phantom_study
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 
@@ -30,6 +35,8 @@ def _outputs(archive: Path) -> Counter[str]:
             if cls == SEG_CLASS
             else "sc"
             if cls in SC_CLASSES
+            else "ko"
+            if cls == KO_CLASS
             else cls
         ] += 1
     return kinds
@@ -63,7 +70,8 @@ def test_phantom_archive_end_to_end(
     assert clear["status"] == "analysed" and clear["pattern"] == "negative"
     assert float(sick["suspicion"]) > float(clear["suspicion"])  # type: ignore[arg-type]
     kinds = _outputs(phantom_archive)
-    assert kinds["sr"] == 2 and kinds["seg"] == 2 and kinds["sc"] >= 2
+    assert kinds["sr"] == 2 and kinds["seg"] == 2 and kinds["sc"] >= 2 and kinds["ko"] == 2
+    assert set(kinds) == {"sr", "seg", "sc", "ko"}
     for p in (phantom_archive / "ctscreen").rglob("*.dcm"):
         errors = [ln for ln in dciodvfy_lines(p) if ln.startswith("Error")]
         assert not errors, (p.name, errors)
@@ -105,10 +113,25 @@ def test_real_lidc_study(
     total = float(row["lung_right_ml"]) + float(row["lung_left_ml"])  # type: ignore[arg-type]
     assert 3000 < total < 8000, row
     kinds = _outputs(archive)
-    assert kinds["sr"] == 1 and kinds["seg"] == 1 and kinds["sc"] >= 1
+    assert kinds["sr"] == 1 and kinds["seg"] == 1 and kinds["sc"] >= 1 and kinds["ko"] == 1
     for p in (archive / "ctscreen").rglob("*.dcm"):
         errors = [ln for ln in dciodvfy_lines(p) if ln.startswith("Error")]
         assert not errors, (p.name, errors)
+
+    # OHIF's SR extension loads the SR onto the CT and labels every lesion with its volume
+    require_ohif()
+    (sr_path,) = [p for p in (archive / "ctscreen").rglob("*.dcm")
+                  if str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) == SR_CLASS]
+    report: Any = hd.sr.srread(sr_path).content
+    lesions = {}
+    for g in report.get_volumetric_roi_measurement_groups():
+        if g.tracking_identifier.startswith("lesion "):
+            (volume,) = [m.value for m in g.get_measurements() if m.name.meaning == "Volume"]
+            side = g.finding_sites[0].value.meaning.split()[0]
+            lesions[g.tracking_identifier] = (float(volume), side)
+    n = int(row["n_findings"])  # type: ignore[call-overload]
+    assert len(lesions) == min(n, LesionsConfig().max_reported_findings) > 0
+    check_ohif_reading(sr_path, archive / "lidc", lesions)
 
 
 def test_every_bad_and_codec_series_gets_a_row(
