@@ -225,6 +225,15 @@ def _name_based_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, json.dumps(list(parts))).int}"
 
 
+# Header values of the source that the result objects copy (patient and study modules) or
+# show (the key-image caption): part of the result's identity.
+STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
+              "PatientComments", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+              "AccessionNumber", "StudyDescription", "ReferringPhysicianName",
+              "BodyPartExamined", "FrameOfReferenceUID")
+SLICE_KEYS = ("SOPInstanceUID", "InstanceNumber", "SeriesNumber", "SliceLocation")
+
+
 def content_identity(
     content_key: str,
     algorithm_version: str,
@@ -233,13 +242,17 @@ def content_identity(
     analysis: LesionAnalysis,
 ) -> str:
     """The seed of every output UID of one result: a hash of the stages' ``content_key``,
-    the algorithm version, the source instances in slice order (a DICOM instance's content
-    never changes under its UID) and the lung and lesion labels.  Every number, outline and
-    key image of the result is a function of these."""
+    the algorithm version, the source instances in slice order with the header values the
+    objects show or copy (``SLICE_KEYS`` of each, ``STUDY_KEYS`` of the first: a DICOM
+    instance's pixels never change under its UID, but an archive may correct its headers),
+    and the lung and lesion labels.  Every number, outline, caption and copied attribute of
+    the result is a function of these."""
     h = hashlib.blake2b(digest_size=32)
     h.update(f"{content_key}|{algorithm_version}|".encode())
+    if sources:
+        h.update(repr([str(sources[0].get(k, "")) for k in STUDY_KEYS]).encode())
     for ds in sources:
-        h.update(f"{ds.SOPInstanceUID}|".encode())
+        h.update(repr([str(ds.get(k, "")) for k in SLICE_KEYS]).encode())
     for labels in (lungs.labels, analysis.labels):
         arr = np.ascontiguousarray(labels.array)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
