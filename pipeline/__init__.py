@@ -1,7 +1,29 @@
 """ctscreen: overnight chest CT screening for suspected COVID-19 pneumonia.
 
-The data flow is the package layout; read ``pipeline/run.py`` first.
+The Python API (``pipeline/api.py``)::
+
+    import pipeline
+    s = pipeline.screen("path/to/one/study/")   # a folder, a list of datasets or a Volume
+    print(s.result.status, s.result.involved_pct, s.analysis.pattern)
+    s.save("results/")                          # SEG, SR, key images, Key Object Selection
+
+also ``segment_lungs``, ``detect_lesions`` and ``run_batch``.  The data flow is the package
+layout; read ``pipeline/run.py`` first.
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 ALGORITHM_NAME = "ctscreen"
+
+__all__ = ["ALGORITHM_NAME", "Screening", "__version__", "detect_lesions", "run_batch",
+           "screen", "segment_lungs"]
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported on first use (``import pipeline`` stays light)."""
+    if name in ("Screening", "detect_lesions", "run_batch", "screen", "segment_lungs"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -159,28 +159,15 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def worklist_path(archive: str | None, explicit: str | None, config: Config) -> Path:
-    """--worklist, else the configured path, else ``<archive>.ctscreen.sqlite`` beside a
-    folder archive, or ``./ctscreen-<NAME>.sqlite`` for a named archive."""
-    if explicit:
-        return Path(explicit)
-    if config.worklist.path:
-        return Path(config.worklist.path)
-    if archive is None:
-        raise CtscreenError("give --archive or --worklist (or set worklist.path in the config)")
-    if archive in config.archives:
-        a = config.archives[archive]
-        if a.kind != "folder":
-            return Path(f"ctscreen-{archive}.sqlite").resolve()
-        archive = a.path
-    root = Path(archive).resolve()
-    return root.parent / f"{root.name}.ctscreen.sqlite"
+    from .api import worklist_path as path
+
+    return path(archive, explicit, config)
 
 
 def outbox_path(worklist: Path, config: Config) -> Path:
-    """``outbox.path``, else ``<worklist>.outbox`` beside the worklist."""
-    if config.outbox.path:
-        return Path(config.outbox.path)
-    return worklist.with_name(worklist.name + ".outbox")
+    from .api import outbox_path as path
+
+    return path(worklist, config)
 
 
 def _archive(name: str, config: Config) -> Archive:
@@ -190,12 +177,8 @@ def _archive(name: str, config: Config) -> Archive:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .api import run_batch
     from .artefacts import QueryWindow
-    from .batch import run_batch
-    from .outbox import Outbox
-    from .run import Stages
-    from .state import StateStore
-    from .workers import DaskPool, InProcessPool, Pool, ProcessPool
     from .worklist import Worklist, format_table
 
     config = _config(args)
@@ -205,34 +188,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.scheduler:
         raise CtscreenError("give --workers or --scheduler, not both")
     window = QueryWindow(args.start, args.end) if (args.start or args.end) else None
-    workers = config.batch.workers if args.workers is None else args.workers
-    _check_workers(workers, args, config)
-    # Loaded here even where workers screen: a model whose hash does not match stops the
-    # run before any study is touched.
-    stages = Stages.load(config)
+    summary = run_batch(args.archive, config, worklist=args.worklist, since=args.since,
+                        window=window, force=args.force, workers=args.workers,
+                        scheduler=args.scheduler)
     wl_path = worklist_path(args.archive, args.worklist, config)
-    state_target = config.batch.state_url or str(wl_path)
-    with (
-        Worklist(wl_path) as worklist,
-        Outbox(outbox_path(wl_path, config), config.outbox) as ob,
-        StateStore(state_target) as states,
-    ):
-        pool: Pool
-        if args.scheduler:
-            pool = DaskPool(args.scheduler, config, args.archive, state_target,
-                            stages.algorithm_version)
-        elif workers == 0:
-            pool = InProcessPool(stages, archive, states)
-        else:
-            pool = ProcessPool(workers, config, args.archive, state_target,
-                               stages.algorithm_version)
-        try:
-            summary = run_batch(
-                archive, stages, worklist, since=args.since, force=args.force, window=window,
-                outbox=ob, states=states, pool=pool,
-            )
-        finally:
-            pool.close()
+    with Worklist(wl_path) as worklist:
         rows = worklist.rows()
     _write_last_run(wl_path, summary.as_json())
     if args.json:
@@ -248,19 +208,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if summary.stopped:
         return 4
     return 1 if summary.by_status.get("failed") else 0
-
-
-def _check_workers(workers: int, args: argparse.Namespace, config: Config) -> None:
-    if workers < 0:
-        raise CtscreenError(f"expected --workers 0 or more, got {workers}")
-    named = config.archives.get(args.archive)
-    if named is not None and named.kind == "dimse" and named.retrieve == "c-move" and (
-        workers > 1 or args.scheduler
-    ):
-        raise CtscreenError(
-            f"archive {args.archive} retrieves by C-MOVE to one port ({named.move_port}): "
-            "use one worker, or C-GET / DICOMweb for several"
-        )
 
 
 def _write_last_run(wl_path: Path, summary: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,15 @@ from pydicom.dataset import Dataset
 
 from . import ALGORITHM_NAME, __version__
 from .archive import Archive
-from .artefacts import ScreeningResult, SeriesRef, Status, StudyRef
+from .artefacts import (
+    LesionAnalysis,
+    LungMasks,
+    ScreeningResult,
+    SeriesRef,
+    Status,
+    StudyRef,
+    Volume,
+)
 from .config import BatchConfig, Config
 from .errors import NotAnalysable
 from .lesions import LesionDetector, analyse, detector_for
@@ -127,6 +135,30 @@ def screen_study(
     """Everything up to the result objects (not yet written): the result and the
     ``(kind, dataset)`` pairs to store, none where the study was not analysed.
     ``progress`` hears of the ``retrieved`` and ``analysed`` transitions."""
+    done = analyse_study(study, archive, stages, progress)
+    return done.result, done.objects
+
+
+@dataclass(frozen=True, eq=False)
+class StudyAnalysis:
+    """What ``analyse_study`` made: the result, the objects to store, and (where the study
+    was analysed) the volume, its source headers, the lungs and the lesion analysis."""
+
+    result: ScreeningResult
+    objects: list[tuple[str, Dataset]]
+    ct: Volume | None = None
+    sources: list[Dataset] = field(default_factory=list)
+    lungs: LungMasks | None = None
+    analysis: LesionAnalysis | None = None
+
+
+def analyse_study(
+    study: StudyRef,
+    archive: Archive,
+    stages: Stages,
+    progress: Callable[[State], None] = lambda _state: None,
+) -> StudyAnalysis:
+    """``screen_study``, keeping what it computed (the Python API's ``screen``)."""
     cfg = stages.config
     timings: dict[str, float] = {}
     base = ScreeningResult(
@@ -140,7 +172,7 @@ def screen_study(
     selection = select_series(study, cfg.selection)
     series = selection.chosen
     if series is None:
-        return replace(base, reasons=selection.reasons), []
+        return StudyAnalysis(replace(base, reasons=selection.reasons), [])
     base = replace(
         base,
         series_uid=series.series_uid,
@@ -167,7 +199,7 @@ def screen_study(
             analysis = analyse(ct, lungs, labels, cfg.lesions, stages.lesions.name)
     except NotAnalysable as e:
         log.info("study %s not analysed: %s", study.study_uid, e)
-        return replace(base, reasons=(e.code,)), []
+        return StudyAnalysis(replace(base, reasons=(e.code,)), [])
     progress(State.ANALYSED)
     with timed(timings, "report"):
         objects = build_report(
@@ -194,9 +226,10 @@ def screen_study(
         pattern=analysis.pattern,
         n_findings=analysis.n_findings_total,
     )
-    return result, [("seg", objects.seg), ("sr", objects.sr)] + [
-        ("sc", d) for d in objects.key_images
-    ] + [("ko", objects.kos)]
+    written: list[tuple[str, Dataset]] = [("seg", objects.seg), ("sr", objects.sr)]
+    written += [("sc", d) for d in objects.key_images]
+    written.append(("ko", objects.kos))
+    return StudyAnalysis(result, written, ct, list(sources), lungs, analysis)
 
 
 def check_size_limits(series: SeriesRef, limits: BatchConfig) -> None:

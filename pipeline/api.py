@@ -1,0 +1,294 @@
+"""The Python API: what the batch does, one call at a time, with everything it computes.
+
+    import pipeline
+    s = pipeline.screen("path/to/one/study/")      # a folder, a list of datasets or a Volume
+    s.result.status, s.result.involved_pct, s.analysis.pattern
+    s.lungs.labels.array, s.lesions.array          # masks on the CT grid (s.volume)
+    s.save("out/")                                 # the SEG, SR, key images and KOS
+
+``screen`` runs the configured stages exactly as a night's batch does (series selection,
+volume, lungs, lesions, report) but writes nothing anywhere until ``save``; a study that
+cannot be analysed comes back with ``result.status`` "not-analysed" and its coded reasons.
+``segment_lungs`` and ``detect_lesions`` run one stage on a ``Volume``.  ``run_batch``
+screens an archive into its worklist as ``ctscreen run`` does (the CLI is argument parsing
+over it).  The configured stages are loaded once per configuration and kept (models stay
+loaded across calls).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from .archive import Archive, open_named
+from .artefacts import (
+    LesionAnalysis,
+    LungMasks,
+    QueryWindow,
+    ScreeningResult,
+    Status,
+    Volume,
+)
+from .config import Config, load_config
+from .errors import CtscreenError, NotAnalysable
+from .lesions import analyse
+from .lungs import lung_mask_warnings
+from .run import Stages, analyse_study
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Screening", "detect_lesions", "run_batch", "screen", "segment_lungs"]
+
+
+@dataclass(frozen=True, eq=False)
+class Screening:
+    """One study screened: the result the worklist would show and what it was made from.
+    The arrays and datasets are ``None`` / empty where the study was not analysed."""
+
+    result: ScreeningResult
+    volume: Volume | None = None  # the CT in HU, with its geometry
+    sources: tuple[Dataset, ...] = ()  # the CT headers, slice k of ``volume`` first
+    lungs: LungMasks | None = None
+    analysis: LesionAnalysis | None = None  # findings, figures, the RSNA category
+    datasets: tuple[tuple[str, Dataset], ...] = ()  # ("seg" | "sr" | "sc" | "ko", dataset)
+
+    @property
+    def analysed(self) -> bool:
+        return self.result.status is Status.ANALYSED
+
+    @property
+    def lesions(self) -> Volume | None:
+        """The lesion labels (1 ground glass, 2 consolidation) on the CT grid."""
+        return None if self.analysis is None else self.analysis.labels
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write the result objects into ``folder`` (``<kind>-<SOPInstanceUID>.dcm``)."""
+        from .durable import write_dataset_atomically
+
+        out = []
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        for kind, ds in self.datasets:
+            path = root / f"{kind}-{ds.SOPInstanceUID}.dcm"
+            write_dataset_atomically(ds, path)
+            out.append(path)
+        return out
+
+
+def screen(
+    source: str | Path | Sequence[Dataset] | Volume,
+    config: Config | str | Path | None = None,
+    *,
+    study_uid: str | None = None,
+) -> Screening:
+    """Screen one study: ``source`` is a folder of DICOM files (any layout), a list of
+    datasets, or a ``Volume`` in HU (then there are no source headers and no DICOM results).
+    Where the source holds several studies, ``study_uid`` names the one to screen."""
+    cfg = _config(config)
+    stages = _stages(cfg)
+    if isinstance(source, Volume):
+        return _screen_volume(source, stages)
+    archive: Archive
+    if isinstance(source, (str, Path)):
+        from .archive.folder import FolderArchive
+
+        if not Path(source).is_dir():
+            raise CtscreenError(f"expected a folder of DICOM files, got {str(source)!r}")
+        archive = FolderArchive(source)
+    else:
+        archive = _DatasetArchive(list(source))
+    from .ingest import find_studies
+
+    studies = find_studies(archive)
+    if study_uid is not None:
+        studies = [s for s in studies if s.study_uid == study_uid]
+    if len(studies) != 1:
+        found = "no study" if not studies else f"{len(studies)} studies"
+        raise CtscreenError(
+            f"expected one study in the source, found {found}"
+            + ("" if study_uid else "; name one with study_uid= or use run_batch")
+        )
+    done = analyse_study(studies[0], archive, stages)
+    return Screening(done.result, done.ct, tuple(done.sources), done.lungs, done.analysis,
+                     tuple(done.objects))
+
+
+def segment_lungs(volume: Volume, config: Config | str | Path | None = None) -> LungMasks:
+    """The configured lung segmenter on ``volume`` (raises NotAnalysable, with its code,
+    where it finds no lungs)."""
+    return _stages(_config(config)).lungs(volume)
+
+
+def detect_lesions(
+    volume: Volume, lungs: LungMasks, config: Config | str | Path | None = None
+) -> LesionAnalysis:
+    """The configured lesion detector and the measurements on ``volume`` within ``lungs``."""
+    stages = _stages(_config(config))
+    labels = stages.lesions(volume, lungs)
+    return analyse(volume, lungs, labels, stages.config.lesions, stages.lesions.name)
+
+
+def run_batch(
+    archive: str,
+    config: Config | str | Path | None = None,
+    *,
+    worklist: str | Path | None = None,
+    since: date | None = None,
+    window: QueryWindow | None = None,
+    force: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+) -> Any:
+    """Screen the studies of ``archive`` (a name under the config's ``archives:`` or a
+    folder) into its worklist, results written back through the outbox: ``ctscreen run``.
+    ``workers`` processes (default ``batch.workers``; 0 screens in this process) or a Dask
+    ``scheduler``.  Returns the run's ``BatchSummary``."""
+    from .batch import run_batch as batch
+    from .outbox import Outbox
+    from .state import StateStore
+    from .workers import DaskPool, InProcessPool, Pool, ProcessPool
+    from .worklist import Worklist
+
+    cfg = _config(config)
+    if workers is not None and scheduler:
+        raise CtscreenError("give workers or scheduler, not both")
+    n = cfg.batch.workers if workers is None else workers
+    if n < 0:
+        raise CtscreenError(f"expected 0 or more workers, got {n}")
+    named = cfg.archives.get(archive)
+    if (named is not None and named.kind == "dimse" and named.retrieve == "c-move"
+            and (n > 1 or scheduler)):
+        raise CtscreenError(
+            f"archive {archive} retrieves by C-MOVE to one port ({named.move_port}): "
+            "use one worker, or C-GET / DICOMweb for several"
+        )
+    source = open_named(archive, cfg)
+    # Loaded here even where workers screen: a model whose hash does not match stops the
+    # run before any study is touched.
+    stages = _stages(cfg)
+    wl_path = worklist_path(archive, None if worklist is None else str(worklist), cfg)
+    state_target = cfg.batch.state_url or str(wl_path)
+    with (
+        Worklist(wl_path) as wl,
+        Outbox(outbox_path(wl_path, cfg), cfg.outbox) as ob,
+        StateStore(state_target) as states,
+    ):
+        pool: Pool
+        if scheduler:
+            pool = DaskPool(scheduler, cfg, archive, state_target, stages.algorithm_version)
+        elif n == 0:
+            pool = InProcessPool(stages, source, states)
+        else:
+            pool = ProcessPool(n, cfg, archive, state_target, stages.algorithm_version)
+        try:
+            return batch(source, stages, wl, since=since, force=force, window=window,
+                         outbox=ob, states=states, pool=pool)
+        finally:
+            pool.close()
+
+
+def worklist_path(archive: str | None, explicit: str | None, config: Config) -> Path:
+    """``explicit``, else the configured path, else ``<archive>.ctscreen.sqlite`` beside a
+    folder archive, or ``./ctscreen-<NAME>.sqlite`` for a named archive."""
+    if explicit:
+        return Path(explicit)
+    if config.worklist.path:
+        return Path(config.worklist.path)
+    if archive is None:
+        raise CtscreenError("give --archive or --worklist (or set worklist.path in the config)")
+    if archive in config.archives:
+        a = config.archives[archive]
+        if a.kind != "folder":
+            return Path(f"ctscreen-{archive}.sqlite").resolve()
+        archive = a.path
+    root = Path(archive).resolve()
+    return root.with_name(root.name + ".ctscreen.sqlite")
+
+
+def outbox_path(worklist: Path, config: Config) -> Path:
+    """``outbox.path``, else ``<worklist>.outbox`` beside the worklist."""
+    if config.outbox.path:
+        return Path(config.outbox.path)
+    return worklist.with_name(worklist.name + ".outbox")
+
+
+# ------------------------------------------------------------------ internals
+
+_LOADED: dict[str, Stages] = {}  # by configuration: models stay loaded across calls
+
+
+def _config(config: Config | str | Path | None) -> Config:
+    if config is None or isinstance(config, Config):
+        return config or Config()
+    return load_config(config)
+
+
+def _stages(config: Config) -> Stages:
+    key = repr(config)
+    if key not in _LOADED:
+        if len(_LOADED) >= 2:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = Stages.load(config)
+    return _LOADED[key]
+
+
+def _screen_volume(ct: Volume, stages: Stages) -> Screening:
+    base = ScreeningResult(study_uid="", accession_number="", study_date="",
+                           status=Status.NOT_ANALYSED, algorithm_version=stages.algorithm_version)
+    try:
+        lungs = stages.lungs(ct)
+        warnings = lung_mask_warnings(lungs, stages.config.lungs)
+        labels = stages.lesions(ct, lungs)
+        a = analyse(ct, lungs, labels, stages.config.lesions, stages.lesions.name)
+    except NotAnalysable as e:
+        return Screening(replace(base, reasons=(e.code,)), volume=ct)
+    right, left = a.lungs
+    result = replace(
+        base, status=Status.ANALYSED, warnings=warnings, n_slices=ct.shape[0],
+        lung_volume_ml=(right.volume_ml, left.volume_ml), involved_pct=a.involved_pct,
+        severity_score=a.severity_score, severity_max=a.severity_max, suspicion=a.suspicion,
+        pattern=a.pattern, n_findings=a.n_findings_total,
+    )
+    return Screening(result, volume=ct, lungs=lungs, analysis=a)
+
+
+class _DatasetArchive:
+    """Datasets in memory behind the Archive protocol (for ``screen(list_of_datasets)``)."""
+
+    name = "datasets"
+    query_based = False
+
+    def __init__(self, datasets: list[Dataset]) -> None:
+        self._datasets = datasets
+
+    def headers(self, window: QueryWindow | None = None) -> Iterator[tuple[Dataset, str]]:
+        for i, ds in enumerate(self._datasets):
+            yield ds, str(i)
+
+    def load(self, locators: Sequence[str]) -> list[Dataset]:
+        # copies of the element maps: the screening drops pixel data from what it loads,
+        # and the caller's datasets must stay as they were
+        # (Dataset(ds) and copy.copy(ds) would share the element map)
+        out = []
+        for loc in locators:
+            ds = self._datasets[int(loc)]
+            copy = Dataset()
+            for elem in ds:
+                copy.add(elem)
+            if hasattr(ds, "file_meta"):
+                copy.file_meta = ds.file_meta
+            out.append(copy)
+        return out
+
+    def store(self, ds: Dataset) -> str:
+        raise CtscreenError("screen() writes nothing; use Screening.save(folder)")
+
+    def contains(self, study_uid: str, sop_instance_uid: str) -> bool:
+        return False
+
