@@ -252,7 +252,8 @@ def _screen_all(
                 continue
             log.info("[%d/%d] study %s: %d series, %d instances", i, n, uid,
                      len(study.series), study.n_instances)
-            study = replace(study, previous_results=_delivered_outputs(worklist, outbox, uid))
+            study = replace(study, previous_results=_delivered_outputs(
+                worklist, outbox, archive.name, uid))
             in_flight[uid] = (i, study, fp)
             pool.submit(study, owner)
         if not in_flight:
@@ -358,24 +359,20 @@ def _low_disk(folders: list[Path], reserve_mb: int) -> str:
     return ""
 
 
-def _delivered_outputs(worklist: Worklist, outbox: Outbox | None, study_uid: str
-                       ) -> tuple[OutputRef, ...]:
+def _delivered_outputs(worklist: Worklist, outbox: Outbox | None, archive: str,
+                       study_uid: str) -> tuple[OutputRef, ...]:
     """The study's result objects of its last run that reached the archive: recorded as
     stored, or delivered by the outbox since (then with the outbox's locator)."""
+    refs = worklist.outputs(study_uid)
+    queued = [r.sop_instance_uid for r in refs if r.locator.startswith("outbox:")]
+    states = outbox.states(archive, queued) if outbox is not None and queued else {}
     out = []
-    delivered = _outbox_states(outbox)
-    for ref in worklist.outputs(study_uid):
+    for ref in refs:
         if not ref.locator.startswith("outbox:"):
             out.append(ref)
-        elif delivered.get(ref.sop_instance_uid, ("", ""))[0] == DELIVERED:
-            out.append(replace(ref, locator=delivered[ref.sop_instance_uid][1]))
+        elif states.get(ref.sop_instance_uid, ("", ""))[0] == DELIVERED:
+            out.append(replace(ref, locator=states[ref.sop_instance_uid][1]))
     return tuple(out)
-
-
-def _outbox_states(outbox: Outbox | None) -> dict[str, tuple[str, str]]:
-    if outbox is None:
-        return {}
-    return {it.sop_uid: (it.state, it.locator) for it in outbox.items()}
 
 
 def _prune_replaced(
@@ -399,7 +396,7 @@ def _prune_replaced(
             log.info("study %s: %d superseded result object(s) withdrawn from the outbox",
                      result.study_uid, withdrawn)
     remove = getattr(archive, "remove", None)
-    for ref in _delivered_outputs(worklist, outbox, result.study_uid):
+    for ref in _delivered_outputs(worklist, outbox, archive.name, result.study_uid):
         if ref.sop_instance_uid in keep:
             continue
         if remove is None:

@@ -149,18 +149,32 @@ class Outbox:
             )
         return sop
 
+    def states(self, archive: str, sops: list[str]) -> dict[str, tuple[str, str]]:
+        """SOP Instance UID -> (state, locator) of those of ``sops`` queued for ``archive``
+        (looked up by key: the table keeps every object ever delivered)."""
+        out: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(sops), 500):
+            chunk = sops[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._db.execute(
+                f"SELECT sop_uid, state, locator FROM outbox WHERE archive = ? "
+                f"AND sop_uid IN ({marks})", [archive, *chunk]
+            ):
+                out[r["sop_uid"]] = (r["state"], r["locator"])
+        return out
+
     def withdraw(self, archive: str, sops: list[str]) -> int:
         """Never deliver these objects (pending or refused) to ``archive``: a newer result
         replaces them.  Returns how many were withdrawn."""
         n = 0
-        for it in self.items(archive):
-            if it.sop_uid in sops and it.state in (PENDING, REFUSED):
+        for sop, (state, _) in self.states(archive, sops).items():
+            if state in (PENDING, REFUSED):
                 with self._db:
                     self._db.execute(
                         "UPDATE outbox SET state=?, updated_at=? WHERE archive=? AND sop_uid=?",
-                        (SUPERSEDED, _now(), it.archive, it.sop_uid),
+                        (SUPERSEDED, _now(), archive, sop),
                     )
-                (self.folder / "objects" / it.file_name).unlink(missing_ok=True)
+                (self.folder / "objects" / _file_name(archive, sop)).unlink(missing_ok=True)
                 n += 1
         return n
 
