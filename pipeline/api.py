@@ -39,7 +39,7 @@ from .config import Config, load_config
 from .errors import CtscreenError, NotAnalysable
 from .lesions import analyse
 from .lungs import lung_mask_warnings
-from .run import Stages, analyse_study
+from .run import Stages, analyse_study, analysed_result
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,8 @@ def _stages(config: Config) -> Stages:
 
 def _screen_volume(ct: Volume, stages: Stages) -> Screening:
     base = ScreeningResult(study_uid="", accession_number="", study_date="",
-                           status=Status.NOT_ANALYSED, algorithm_version=stages.algorithm_version)
+                           status=Status.NOT_ANALYSED, algorithm_version=stages.algorithm_version,
+                           n_slices=ct.shape[0])
     try:
         lungs = stages.lungs(ct)
         warnings = lung_mask_warnings(lungs, stages.config.lungs)
@@ -248,14 +249,7 @@ def _screen_volume(ct: Volume, stages: Stages) -> Screening:
         a = analyse(ct, lungs, labels, stages.config.lesions, stages.lesions.name)
     except NotAnalysable as e:
         return Screening(replace(base, reasons=(e.code,)), volume=ct)
-    right, left = a.lungs
-    result = replace(
-        base, status=Status.ANALYSED, warnings=warnings, n_slices=ct.shape[0],
-        lung_volume_ml=(right.volume_ml, left.volume_ml), involved_pct=a.involved_pct,
-        severity_score=a.severity_score, severity_max=a.severity_max, suspicion=a.suspicion,
-        pattern=a.pattern, n_findings=a.n_findings_total,
-    )
-    return Screening(result, volume=ct, lungs=lungs, analysis=a)
+    return Screening(analysed_result(base, a, warnings), volume=ct, lungs=lungs, analysis=a)
 
 
 class _DatasetArchive:

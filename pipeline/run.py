@@ -213,8 +213,18 @@ def analyse_study(
             content_key=stages.content_key,
             previous=study.previous_results,
         )
+    result = analysed_result(base, analysis, warnings)
+    written: list[tuple[str, Dataset]] = [("seg", objects.seg), ("sr", objects.sr)]
+    written += [("sc", d) for d in objects.key_images]
+    written.append(("ko", objects.kos))
+    return StudyAnalysis(result, written, ct, list(sources), lungs, analysis)
+
+
+def analysed_result(base: ScreeningResult, analysis: LesionAnalysis,
+                    warnings: tuple[str, ...]) -> ScreeningResult:
+    """``base`` (the study's identity) with the figures of an analysed study."""
     right, left = analysis.lungs
-    result = replace(
+    return replace(
         base,
         status=Status.ANALYSED,
         warnings=warnings,
@@ -226,10 +236,6 @@ def analyse_study(
         pattern=analysis.pattern,
         n_findings=analysis.n_findings_total,
     )
-    written: list[tuple[str, Dataset]] = [("seg", objects.seg), ("sr", objects.sr)]
-    written += [("sc", d) for d in objects.key_images]
-    written.append(("ko", objects.kos))
-    return StudyAnalysis(result, written, ct, list(sources), lungs, analysis)
 
 
 def check_size_limits(series: SeriesRef, limits: BatchConfig) -> None:
