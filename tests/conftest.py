@@ -69,7 +69,7 @@ def site_config(orthanc: Orthanc, folder: Path, **listen: object) -> Path:
     move_port = orthanc.modalities["ctscreen"][1]
     text = f"""
 archives:
-  pacs:
+  pacs: &pacs
     kind: dimse
     host: 127.0.0.1
     port: {orthanc.dicom_port}
@@ -87,13 +87,7 @@ archives:
     move_port: {move_port}
     timeout_s: 10
   pacs-clean:  # C-GET, and superseded results deleted through Orthanc's REST API
-    kind: dimse
-    host: 127.0.0.1
-    port: {orthanc.dicom_port}
-    called_ae: {AET}
-    calling_ae: {OUR_AE}
-    retrieve: c-get
-    timeout_s: 10
+    <<: *pacs
     delete: orthanc-rest
     rest_url: {orthanc.url}
     username: {USER}
