@@ -152,6 +152,11 @@ class LesionsConfig:
     # in a stack the model runs on slices about this far apart (probabilities interpolated
     # in between; a speed / z-resolution trade-off of serving); 0: the model.yaml value
     z_step_mm: float = 3.0
+    # detector "onnx": the model says where a lesion is; its kind follows the density there.
+    # A lesion voxel whose HU, smoothed in-plane (Gaussian, 1 mm), is above this value is
+    # consolidation, else ground glass (chosen on the training and validation slices, see
+    # docs); None keeps the model's own kind
+    model_consolidation_hu: float | None = -400.0
     max_reported_findings: int = 20  # the largest N are reported one by one
     # Study-level call, the RSNA category (pipeline/lesions.py, rsna_category). Shares are
     # of the involved volume (all findings of both lungs together).

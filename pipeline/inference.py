@@ -333,13 +333,15 @@ def _run_slices(ks: slice, spec: ModelSpec, slice_mm: float | None) -> list[int]
 def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
                    region: npt.NDArray[np.bool_] | None, predictor: Predictor, spec: ModelSpec,
                    batch: int = 16, slice_mm: float | None = None,
-                   intensity: str = "hu") -> npt.NDArray[np.uint8]:
+                   intensity: str = "hu",
+                   consolidation_hu: float | None = None) -> npt.NDArray[np.uint8]:
     """Labels (K, H, W) uint8 of a 2D slice model on axial slices ``hu`` (K, H, W) in HU.
 
     ``region`` (the lungs) limits where the model runs (its bounding box + ``margin_mm``) and
     where labels may be; None means the whole slice.  Where ``slice_mm`` is given and the
     stack has at least 3 slices, lesions (26-connected, any kind) under ``min_lesion_ml``
-    are dropped as well.  See the module docstring.
+    are dropped as well.  With ``consolidation_hu`` the model decides where a lesion is and
+    the density its kind (:func:`kind_by_density`).  See the module docstring.
     """
     out = np.zeros(hu.shape, dtype=np.uint8)
     if region is None:
@@ -358,9 +360,7 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
                             intensity, ks, (slice(r0, r1), slice(c0, c1)))
     else:
         if intensity == "ma20":  # recipe images: approximate HU through two anchors
-            from .representation import ma20_pseudo_hu
-
-            hu = ma20_pseudo_hu(np.asarray(hu), region)
+            hu = _pseudo_hu(hu, region)
         elif intensity != "hu":
             raise ModelError(f"model {spec.name} reads HU; this case holds {intensity} images")
         grid = model_grid(crop_shape, spacing_rc, spec.spacing_mm)
@@ -389,8 +389,36 @@ def segment_slices(hu: npt.NDArray[Any], spacing_rc: tuple[float, float],
         small = sizes * (spacing_rc[0] * spacing_rc[1] * slice_mm / 1000.0) < spec.min_lesion_ml
         small[0] = False
         sub[small[lab]] = 0
+    if consolidation_hu is not None and sub.any():
+        hu_box = np.asarray(hu[box] if intensity == "hu" or spec.input != "ma20"
+                            else _pseudo_hu(hu, region)[box])
+        sub = kind_by_density(sub, hu_box, spacing_rc, consolidation_hu)
     out = np.zeros(hu.shape, dtype=np.uint8)
     out[box] = sub
+    return out
+
+
+def _pseudo_hu(hu: npt.NDArray[Any], region: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
+    from .representation import ma20_pseudo_hu
+
+    return ma20_pseudo_hu(np.asarray(hu), region)
+
+
+KIND_SMOOTHING_MM = 1.0  # in-plane Gaussian sigma of the density that decides a lesion's kind
+
+
+def kind_by_density(labels: npt.NDArray[np.uint8], hu: npt.NDArray[Any],
+                    spacing_rc: tuple[float, float], consolidation_hu: float
+                    ) -> npt.NDArray[np.uint8]:
+    """Lesion labels (K, H, W) whose kind follows the density: a lesion pixel is
+    consolidation (2) where ``hu``, smoothed in-plane with a Gaussian of
+    ``KIND_SMOOTHING_MM``, is above ``consolidation_hu``, else ground glass (1).  Where a
+    lesion is stays as the model said; only the kind changes."""
+    sigma = (0.0, KIND_SMOOTHING_MM / spacing_rc[0], KIND_SMOOTHING_MM / spacing_rc[1])
+    smooth = ndi.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=sigma)
+    les = labels > 0
+    out = np.zeros_like(labels)
+    out[les] = np.where(smooth[les] > consolidation_hu, 2, 1).astype(np.uint8)
     return out
 
 
@@ -409,6 +437,7 @@ class OnnxLesionDetector:
 
         representation.load()  # OpenCV (upsampling), imported before a worker caps memory
         self.batch = max(1, config.batch_slices)
+        self.consolidation_hu = config.model_consolidation_hu
         self.name = self.spec.name
         self.version = self.spec.version
 
@@ -427,11 +456,13 @@ class OnnxLesionDetector:
             rc = (sp[2], sp[1]) if how[0] else (sp[1], sp[2])
             lab_c = segment_slices(to_canonical(ct.array, how), rc,
                                    to_canonical(lungs.mask(), how), self.predictor, self.spec,
-                                   self.batch, slice_mm=sp[0])
+                                   self.batch, slice_mm=sp[0],
+                                   consolidation_hu=self.consolidation_hu)
             labels = np.ascontiguousarray(from_canonical(lab_c, how))
         else:
             labels = segment_slices(ct.array, (sp[1], sp[2]), lungs.mask(), self.predictor,
-                                    self.spec, self.batch, slice_mm=sp[0])
+                                    self.spec, self.batch, slice_mm=sp[0],
+                                    consolidation_hu=self.consolidation_hu)
         log.info("lesions: %s %s on %d slices in %.2f s", self.name, self.version, ct.shape[0],
                  time.perf_counter() - t0)
         return ct.with_array(labels)

@@ -163,6 +163,36 @@ def _drop_small(mask: BoolArray, min_voxels: float) -> BoolArray:
     return np.asarray(keep[lab])
 
 
+def settle_kinds(labels: npt.NDArray[np.uint8], min_voxels: float) -> npt.NDArray[np.uint8]:
+    """Labels whose pieces of one kind are not smaller than ``min_voxels`` where they touch
+    the other kind: such a piece (26-connected) takes the kind around it, consolidation
+    first.  ``min_lesion_ml`` applies to lesions of both kinds together; without this a
+    one-voxel speck of one kind on the edge of the other would be a finding of its own.
+    Where a lesion is does not change."""
+    out = labels
+    st = np.ones((3, 3, 3), dtype=bool)
+    for kind, other in ((2, 1), (1, 2)):
+        box = bounding_box(out == kind)
+        if box is None:
+            continue
+        sub = out[box]
+        lab, n = ndi.label(sub == kind, structure=st)
+        small = np.bincount(lab.ravel(), minlength=n + 1) < min_voxels
+        small[0] = False
+        if not small.any():
+            continue
+        near_other = ndi.binary_dilation(sub == other, structure=st)
+        touches = np.zeros(n + 1, dtype=bool)
+        touches[np.unique(lab[near_other])] = True
+        flip = small & touches
+        flip[0] = False
+        if flip.any():
+            out = out.copy() if out is labels else out
+            view = out[box]
+            view[flip[lab]] = other
+    return out
+
+
 class DensityLesionDetector:
     """Density bands + vessel and partial-volume suppression (see the module docstring)."""
 
@@ -277,6 +307,7 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
     lung_lab = lungs.labels.array
     les = np.where(lung_lab > 0, labels.array, 0).astype(np.uint8)  # never outside the lungs
     vml = ct.voxel_volume_ml
+    les = settle_kinds(les, config.min_lesion_ml / vml)
     # per side and zone: lung, GGO and consolidation voxel counts (slab-wise LPS z)
     box = bounding_box(lung_lab)
     z_ext = {s: (math.inf, -math.inf) for s in SIDES}

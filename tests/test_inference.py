@@ -201,3 +201,25 @@ def test_providers_default_to_cuda_where_present_and_cpu_always() -> None:
     assert choose_providers(("CPUExecutionProvider",), gpu) == cpu
     with pytest.raises(ModelError, match="CUDAExecutionProvider"):
         choose_providers(("CUDAExecutionProvider",), cpu)
+
+
+def test_kind_follows_the_density_where_the_model_put_a_lesion() -> None:
+    """The model says where; the smoothed HU says which kind; nothing is added or removed."""
+    from pipeline.inference import kind_by_density
+
+    hu = np.full((2, 40, 40), -850.0, dtype=np.float32)
+    hu[:, 5:20, 5:20] = -600.0  # ground-glass density
+    hu[:, 22:36, 22:36] = 0.0  # consolidation density
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[:, 6:19, 6:19] = 2  # the model called the ground glass consolidation ...
+    labels[:, 23:35, 23:35] = 1  # ... and the consolidation ground glass
+    out = kind_by_density(labels, hu, (1.0, 1.0), -400.0)
+    assert np.array_equal(out > 0, labels > 0)
+    assert np.all(out[:, 8:17, 8:17] == 1) and np.all(out[:, 25:33, 25:33] == 2)
+    assert not np.any(out[labels == 0])
+
+
+def test_the_configured_split_reaches_the_served_detector() -> None:
+    assert LesionsConfig().model_consolidation_hu == -400.0
+    det = detector_for(LesionsConfig(detector="onnx", model_consolidation_hu=None))
+    assert det.consolidation_hu is None  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from pipeline.lesions import (
     detector_for,
     pattern_features,
     rsna_category,
+    settle_kinds,
     severity_zone_score,
     suspicion_score,
 )
@@ -325,3 +326,19 @@ def test_rsna_category_thresholds_come_from_the_config() -> None:
     mass = (_finding(CONS, 30, R, 0.3), _finding(GGO, 10, L, 0.3))  # largest 0.75
     assert rsna_category(mass, 1.0, CFG) is Pattern.INDETERMINATE
     assert rsna_category(mass, 1.0, LesionsConfig(solitary_min_share=0.7)) is Pattern.ATYPICAL
+
+
+def test_a_speck_of_one_kind_takes_the_kind_around_it() -> None:
+    """min_lesion_ml applies to both kinds together; a one-voxel piece of consolidation in a
+    ground-glass lesion (or the reverse) must not become a finding of its own."""
+    labels = np.zeros((12, 30, 30), dtype=np.uint8)
+    labels[2:10, 5:25, 5:25] = 1
+    labels[5, 10, 10] = 2  # a speck of consolidation inside the ground glass
+    labels[3:9, 15:24, 15:24] = 2  # a real consolidation inside it
+    labels[5, 3, 3] = 2  # an isolated speck: not touching the other kind, left alone
+    out = settle_kinds(labels, min_voxels=20)
+    assert out[5, 10, 10] == 1 and out[5, 3, 3] == 2
+    assert np.all(out[3:9, 15:24, 15:24] == 2)
+    assert np.array_equal(out > 0, labels > 0)
+    assert labels[5, 10, 10] == 2  # the input is not changed
+    assert settle_kinds(out, 20) is out or np.array_equal(settle_kinds(out, 20), out)

@@ -412,8 +412,8 @@ def density_predictor(config: LesionsConfig | None = None, pad: int = 6) -> Case
     return run
 
 
-def onnx_predictor(model_dir: str | Path, threads: int = 2, batch: int = 16) -> tuple[
-        CasePredictor, Any]:
+def onnx_predictor(model_dir: str | Path, threads: int = 2, batch: int = 16,
+                   consolidation_hu: float | None = None) -> tuple[CasePredictor, Any]:
     from ..inference import OnnxPredictor, load_model_spec, segment_slices
 
     spec = load_model_spec(model_dir)
@@ -424,7 +424,7 @@ def onnx_predictor(model_dir: str | Path, threads: int = 2, batch: int = 16) -> 
         # ma20 cases have no slice distance (their slices are not a contiguous stack)
         return segment_slices(case.hu, rec.spacing_rc, case.region, predictor, spec, batch,
                               slice_mm=rec.slice_mm if rec.slice_mm > 0 else None,
-                              intensity=rec.intensity)
+                              intensity=rec.intensity, consolidation_hu=consolidation_hu)
 
     return run, spec
 
@@ -443,14 +443,17 @@ def lesion_detector(model: str, config: LesionsConfig | None = None,
                                   f"{cfg.detector!r}")
     if model == "density":
         return Detector("density-threshold 1.0 (baseline)", density_predictor(cfg), ("hu",))
-    predict, spec = onnx_predictor(model, threads, max(1, cfg.batch_slices))
+    predict, spec = onnx_predictor(model, threads, max(1, cfg.batch_slices),
+                                   cfg.model_consolidation_hu)
     if spec.task != "lesions":
         raise EvaluationError(f"{model}: expected a lesions model, got task {spec.task!r} "
                               f"(a lung model is evaluated with --task lungs)")
     # every model reads ma20 recipe images: an "ma20" model as they are, a HU-window model
     # through approximate HU (pipeline.representation.ma20_pseudo_hu, anchored in the region)
     reads = ("hu", "ma20")
-    return Detector(f"{spec.name} {spec.version}", predict, reads, (spec,))
+    kind = ("" if cfg.model_consolidation_hu is None
+            else f", kind by density (consolidation above {cfg.model_consolidation_hu:g} HU)")
+    return Detector(f"{spec.name} {spec.version}{kind}", predict, reads, (spec,))
 
 
 # --------------------------------------------------------------------------- lesion task
