@@ -3,10 +3,15 @@
 A reason code is a short lower-case slug, optionally followed by ``:detail``
 (``slice-too-thick:5.0mm``, ``missing-slices:gap=3.0mm``).  Codes reach the worklist
 verbatim as "not analysed: <code>", so they are part of the user interface: keep them
-stable and list every new one in README.md.
+stable and register every new one in ``pipeline/reasons.py`` (its table is
+docs/reasons.md; ``tests/test_reasons.py`` finds the codes raised and checks both).
 """
 
 from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class CtscreenError(Exception):
@@ -28,10 +33,22 @@ class NotAnalysable(CtscreenError):
         self.code = code
         self.message = message or code
         super().__init__(f"{code}: {self.message}" if message else code)
+        _check_registered(code)
 
     def __reduce__(self) -> tuple[type[NotAnalysable], tuple[str, str]]:
         # Keeps code and message apart when a refusal crosses a process boundary.
         return (type(self), (self.code, self.message))
+
+
+def _check_registered(code: str) -> None:
+    """Log (never raise: a refusal must stay a refusal) a code missing from the registry."""
+    try:
+        from .reasons import is_registered
+
+        if not is_registered(code):
+            log.warning("reason code %r is not registered in pipeline/reasons.py", code)
+    except Exception:  # noqa: BLE001 - a check of the docs must never break a refusal
+        pass
 
 
 class ArchiveError(CtscreenError):
