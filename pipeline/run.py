@@ -86,15 +86,29 @@ class Stages:
 # The modules whose code decides what a result says: a change to any of them changes
 # ``Stages.content_key`` (and so re-screens and writes new UIDs), whether or not someone
 # remembered to bump a stage version.  Transport (archives, outbox, batch) is not here.
+# An entry ending in "/" is a package: every *.py file under it counts.
 CONTENT_MODULES = ("artefacts.py", "volume.py", "lungs.py", "lesions.py", "representation.py",
-                   "inference.py", "report.py", "selection.py")
+                   "inference.py", "report/", "selection.py")
+
+
+def content_files() -> list[str]:
+    """``CONTENT_MODULES`` with each package expanded to its ``*.py`` files, sorted, as
+    names relative to ``pipeline/`` ("report/build.py")."""
+    here = Path(__file__).parent
+    out: list[str] = []
+    for name in CONTENT_MODULES:
+        if name.endswith("/"):
+            out += sorted(p.relative_to(here).as_posix() for p in (here / name).rglob("*.py"))
+        else:
+            out.append(name)
+    return out
 
 
 def code_digest() -> str:
-    """sha256 over the source of ``CONTENT_MODULES`` (as installed)."""
+    """sha256 over the source of ``CONTENT_MODULES`` (as installed; see ``content_files``)."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in CONTENT_MODULES:
+    for name in content_files():
         h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
     return h.hexdigest()
 
