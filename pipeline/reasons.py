@@ -222,7 +222,8 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "undecodable", "<TransferSyntaxUID>",
         "pixels that cannot be turned into HU: a transfer syntax with no decoder here or "
-        "data its decoder refuses (`unknown` / `invalid` where the file meta holds none)",
+        "data its decoder refuses (`unknown` where the file meta names no transfer syntax, "
+        "`invalid` where it holds no valid UID)",
         "have the PACS send another transfer syntax (e.g. uncompressed or JPEG-LS), or "
         "report it with the syntax named",
     ),
@@ -234,7 +235,7 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "missing-rescale", "",
         "pixels that cannot be turned into HU: RescaleSlope / RescaleIntercept absent, not "
-        "numeric, or a slope of 0",
+        "numeric or not finite, or a slope of 0",
         "have the modality send the CT Image module's rescale values",
     ),
     # ---- the lungs (lungs.py)
