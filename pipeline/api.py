@@ -18,7 +18,7 @@ loaded across calls).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -144,11 +144,13 @@ def run_batch(
     force: bool = False,
     workers: int | None = None,
     scheduler: str | None = None,
+    progress: Callable[[Any], None] | None = None,
 ) -> Any:
     """Screen the studies of ``archive`` (a name under the config's ``archives:`` or a
     folder) into its worklist, results written back through the outbox: ``ctscreen run``.
     ``workers`` processes (default ``batch.workers``; 0 screens in this process) or a Dask
-    ``scheduler``.  Returns the run's ``BatchSummary``."""
+    ``scheduler``.  ``progress`` is called with the ``BatchSummary`` so far once the studies
+    are found and after each study.  Returns the run's ``BatchSummary``."""
     from .batch import run_batch as batch
     from .outbox import Outbox
     from .state import StateStore
@@ -188,7 +190,7 @@ def run_batch(
             pool = ProcessPool(n, cfg, archive, state_target, stages.algorithm_version)
         try:
             return batch(source, stages, wl, since=since, force=force, window=window,
-                         outbox=ob, states=states, pool=pool)
+                         outbox=ob, states=states, pool=pool, progress=progress)
         finally:
             pool.close()
 

@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -40,6 +41,10 @@ from .worklist import Worklist
 from .writeback import write_back
 
 log = logging.getLogger(__name__)
+
+# Called with the run's summary once the studies are found and after each study it is
+# through with (``BatchSummary.done`` of ``studies_found``): a progress display's hook.
+Progress = Callable[["BatchSummary"], None]
 
 
 @dataclass
@@ -77,6 +82,12 @@ class BatchSummary:
     @property
     def screened(self) -> int:
         return sum(self.by_status.values())
+
+    @property
+    def done(self) -> int:
+        """Studies found that this run is through with: screened, skipped as unchanged,
+        left to another run."""
+        return self.screened + self.skipped_unchanged + self.busy_elsewhere + self.lease_lost
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -167,13 +178,15 @@ def run_batch(
     outbox: Outbox | None = None,
     states: StateStore | None = None,
     pool: Pool | None = None,
+    progress: Progress | None = None,
 ) -> BatchSummary:
     """Screen the studies of ``window`` (or on or after ``since``); with an outbox, first
     deliver what earlier runs could not, and queue this run's results through it.
 
     ``states`` is the per-study state (default: the worklist's SQLite file) and ``pool``
     where studies are screened (default: in this process).  Any number of runs may work
-    on one archive at once: each study is screened by the run that holds its lease."""
+    on one archive at once: each study is screened by the run that holds its lease.
+    ``progress`` is called with the summary once the studies are found and after each."""
     t0 = time.perf_counter()
     cfg = stages.config.batch
     window = window or QueryWindow.since(since)
@@ -196,9 +209,11 @@ def run_batch(
         summary.studies_found = len(studies)
         for study in studies:
             states.discover(study.study_uid)
+        tick = progress or _no_progress
+        tick(summary)
         with Heartbeat(states, owner, cfg.lease_s):
             _screen_all(studies, stages, archive, worklist, outbox, states, pool, owner,
-                        limits, force, folders, summary)
+                        limits, force, folders, summary, tick)
         if outbox is not None:
             _confirm_deliveries(states, worklist, outbox, archive)
             counts = outbox.counts(archive.name)
@@ -225,6 +240,7 @@ def _screen_all(
     force: bool,
     folders: list[Path],
     summary: BatchSummary,
+    tick: Progress,
 ) -> None:
     """Claim, screen and finish each study, keeping the pool busy."""
     cfg = stages.config.batch
@@ -245,10 +261,12 @@ def _screen_all(
             if claim is Claim.DONE:
                 summary.skipped_unchanged += 1
                 log.info("[%d/%d] study %s unchanged; skipped", i, n, uid)
+                tick(summary)
                 continue
             if claim is Claim.BUSY:
                 summary.busy_elsewhere += 1
                 log.info("[%d/%d] study %s is being screened by another run", i, n, uid)
+                tick(summary)
                 continue
             log.info("[%d/%d] study %s: %d series, %d instances", i, n, uid,
                      len(study.series), study.n_instances)
@@ -266,10 +284,16 @@ def _screen_all(
             summary.lease_lost += 1
             log.warning("study %s: taken over by another run; its results are that run's",
                         study.study_uid)
+            tick(summary)
             continue
         summary.add(result)
         log.info("[%d/%d] study %s: %s %s", i, n, study.study_uid, result.status.value,
                  ", ".join(result.reasons))
+        tick(summary)
+
+
+def _no_progress(summary: BatchSummary) -> None:
+    pass
 
 
 def _finish(

@@ -2,6 +2,7 @@
 
 ctscreen run --archive NAME|DIR [--since DATE | --from DATETIME --to DATETIME] [--config FILE]
              [--worklist FILE] [--workers N | --scheduler ADDRESS] [--force] [--json]
+             [--log-file FILE]
 ctscreen echo NAME [--config FILE]
 ctscreen listen [--config FILE] [--worklist FILE]
 ctscreen outbox [--archive NAME|DIR] [--drain] [--retry-refused] [--json]
@@ -15,6 +16,11 @@ ctscreen evaluate --task lungs MODEL|classical|default DATA [--config FILE] [--o
 ctscreen export [--run DIR] --out models/NAME [--report KEY=REPORT_JSON]
 
 ``--config`` defaults to the environment variable CTSCREEN_CONFIG.
+
+``ctscreen run`` on a terminal (stderr a TTY, no ``--verbose``) shows one progress bar for
+the batch and a summary line at the end; its log goes to a file (``--log-file``, default
+``<worklist>.log`` beside the worklist), warnings and errors to the terminal as well.
+Anywhere else (cron, CI, a pipe) it logs to stderr, as every other command does.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .config import Config, load_config
@@ -36,6 +45,7 @@ from .errors import ArchiveError, CtscreenError
 
 if TYPE_CHECKING:
     from .archive import Archive
+    from .batch import BatchSummary
 
 log = logging.getLogger("pipeline.cli")
 
@@ -98,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--force", action="store_true", help="re-screen studies that are unchanged")
     r.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    r.add_argument(
+        "--log-file", metavar="FILE",
+        help="append the run's log to FILE (on a terminal, where the progress bar is shown, "
+        "the default is <worklist>.log beside the worklist; elsewhere stderr)",
+    )
     r.set_defaults(func=_cmd_run)
 
     e = sub.add_parser("echo", help="check that a configured archive answers (C-ECHO or QIDO)")
@@ -188,10 +203,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.scheduler:
         raise CtscreenError("give --workers or --scheduler, not both")
     window = QueryWindow(args.start, args.end) if (args.start or args.end) else None
-    summary = run_batch(args.archive, config, worklist=args.worklist, since=args.since,
-                        window=window, force=args.force, workers=args.workers,
-                        scheduler=args.scheduler)
     wl_path = worklist_path(args.archive, args.worklist, config)
+    with _run_output(args, wl_path) as bar:
+        summary = run_batch(args.archive, config, worklist=args.worklist, since=args.since,
+                            window=window, force=args.force, workers=args.workers,
+                            scheduler=args.scheduler,
+                            progress=None if bar is None else bar.update)
+        if bar is not None:
+            bar.finish(summary)
     with Worklist(wl_path) as worklist:
         rows = worklist.rows()
     _write_last_run(wl_path, summary.as_json())
@@ -208,6 +227,215 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if summary.stopped:
         return 4
     return 1 if summary.by_status.get("failed") else 0
+
+
+# --------------------------------------------------------------------------- the progress bar
+
+
+def progress_wanted(args: argparse.Namespace, stream: TextIO) -> bool:
+    """A progress bar instead of the log on ``stream``: a terminal (not a dumb one), and
+    no ``--verbose`` (which asks for the log itself)."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # closed, or not a file
+        tty = False
+    return tty and not args.verbose and os.environ.get("TERM") != "dumb"
+
+
+def render_progress(summary: BatchSummary | None, elapsed_s: float, width: int = 80) -> str:
+    """The bar's one line, at most ``width - 1`` characters: studies done of those found,
+    how those screened came out, the time so far.  Counts only: no study, patient or
+    accession is ever named."""
+    text = _progress_text(summary, elapsed_s)
+    if summary is None:
+        return ("ctscreen run: " + text)[: max(width - 1, 0)]
+    room = min(width - 1 - len(text) - 3, 30)
+    if room < 10:  # a narrow terminal: the numbers alone
+        return text[: max(width - 1, 0)]
+    total, done = summary.studies_found, summary.done
+    filled = room * done // total if total else room
+    return "[" + "#" * filled + "." * (room - filled) + "] " + text
+
+
+def _progress_text(summary: BatchSummary | None, elapsed_s: float) -> str:
+    if summary is None:
+        return f"starting, finding studies ... {_clock(elapsed_s)}"
+    by = summary.by_status
+    text = (f"{summary.done}/{summary.studies_found} studies  analysed {by.get('analysed', 0)}, "
+            f"not analysed {by.get('not-analysed', 0)}, failed {by.get('failed', 0)}")
+    skipped = summary.skipped_unchanged + summary.busy_elsewhere + summary.lease_lost
+    if skipped:
+        text += f", skipped {skipped}"
+    return f"{text}  {_clock(elapsed_s)}"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressBar:
+    """The bar on a terminal stream, redrawn when a study is done and once a second (the
+    clock); ``message`` prints a line above it."""
+
+    REDRAW_S = 1.0
+
+    def __init__(self, stream: TextIO, log_path: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream, self.log_path, self._now = stream, log_path, clock
+        self._t0 = clock()
+        self._summary: BatchSummary | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._draw()
+        self._ticker = threading.Thread(target=self._tick, name="ctscreen-progress", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.REDRAW_S):
+            self._draw()
+
+    def update(self, summary: BatchSummary) -> None:
+        self._summary = summary
+        self._draw()
+
+    def line(self) -> str:
+        return render_progress(self._summary, self._now() - self._t0, self._width())
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self._stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 80
+
+    def _draw(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._stream.write("\r" + self.line() + "\x1b[K")
+                self._stream.flush()
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._stream.write("\r\x1b[K" + text + "\n" + self.line() + "\x1b[K")
+            self._stream.flush()
+
+    def finish(self, summary: BatchSummary) -> None:
+        """The bar replaced by the run's summary line (and where its log is)."""
+        by = summary.by_status
+        text = (f"ctscreen run: {summary.done} of {summary.studies_found} studies in "
+                f"{_clock(self._now() - self._t0)}: {by.get('analysed', 0)} analysed, "
+                f"{by.get('not-analysed', 0)} not analysed, {by.get('failed', 0)} failed")
+        skipped = summary.skipped_unchanged + summary.busy_elsewhere + summary.lease_lost
+        if skipped:
+            text += f", {skipped} skipped (unchanged or screened by another run)"
+        if summary.stopped:
+            text += f"; STOPPED EARLY: {summary.stopped}"
+        self.close(text)
+
+    def close(self, text: str | None = None) -> None:
+        """Stop the clock; the bar's line becomes ``text`` (default: where the run stopped),
+        followed by the log's path."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        with self._lock:
+            if self._closed:
+                return
+            if text is None:
+                text = "ctscreen run: stopped at " + _progress_text(
+                    self._summary, self._now() - self._t0)
+            if self.log_path is not None:
+                text += f"\n  log: {self.log_path}"
+            self._stream.write("\r\x1b[K" + text + "\n")
+            self._stream.flush()
+            self._closed = True
+
+
+class _BarHandler(logging.Handler):
+    """Log records (warnings and errors) printed above the bar."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        super().__init__(logging.WARNING)
+        self.bar = bar
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.bar.message(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must not stop the run
+            self.handleError(record)
+
+
+@contextmanager
+def _run_output(args: argparse.Namespace, wl_path: Path) -> Iterator[ProgressBar | None]:
+    """Where ``ctscreen run`` reports: on a terminal a progress bar (yielded), the log in a
+    file; elsewhere the log on stderr as configured, or in ``--log-file``."""
+    explicit = Path(args.log_file) if args.log_file else None
+    bar_wanted = progress_wanted(args, sys.stderr)
+    if explicit is None and not bar_wanted:
+        yield None
+        return
+    path = explicit or wl_path.with_name(wl_path.name + ".log")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError as e:
+        if explicit is not None:
+            raise CtscreenError(f"cannot write the log file {path}: {e}") from e
+        log.warning("cannot write the log file %s (%s): logging here instead", path, e)
+        yield None
+        return
+    with _log_to(fd) as terminal:
+        if not bar_wanted:
+            yield None
+            return
+        bar = ProgressBar(terminal, log_path=path.resolve())
+        handler = _BarHandler(bar)
+        logging.getLogger().addHandler(handler)
+        bar.start()
+        try:
+            yield bar
+        finally:
+            logging.getLogger().removeHandler(handler)
+            bar.close()
+
+
+@contextmanager
+def _log_to(fd: int) -> Iterator[TextIO]:
+    """This process's log handlers on stderr, and file descriptor 2 itself (what worker
+    processes and libraries write), sent to ``fd``; yields the terminal (the former
+    stderr) and puts everything back on the way out."""
+    root = logging.getLogger()
+    moved = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
+             and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__)]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    logfile = os.fdopen(os.dup(fd), "a", buffering=1, encoding="utf-8", errors="replace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    streams = [h.setStream(logfile) for h in moved]
+    try:
+        yield terminal
+    finally:
+        for h, stream in zip(moved, streams, strict=True):
+            if stream is not None:
+                h.setStream(stream)
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
+        logfile.close()
+        terminal.close()
 
 
 def _write_last_run(wl_path: Path, summary: dict[str, Any]) -> None:
