@@ -307,6 +307,12 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
     lung_lab = lungs.labels.array
     les = np.where(lung_lab > 0, labels.array, 0).astype(np.uint8)  # never outside the lungs
     vml = ct.voxel_volume_ml
+    # min_lesion_ml holds for what is inside the lungs (a detector's lesion cut by the lung
+    # boundary can leave a speck); then no piece of one kind smaller than that either
+    les_box = bounding_box(les > 0)
+    if les_box is not None:
+        sub = les[les_box]
+        sub[~_drop_small(sub > 0, config.min_lesion_ml / vml)] = 0
     les = settle_kinds(les, config.min_lesion_ml / vml)
     # per side and zone: lung, GGO and consolidation voxel counts (slab-wise LPS z)
     box = bounding_box(lung_lab)
