@@ -13,7 +13,27 @@ layout; read ``pipeline/run.py`` first.
 
 from typing import Any
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The version in pyproject.toml, the one source: the installed package's metadata,
+    else (a source tree run without installing) pyproject.toml itself."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctscreen")
+    except PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0+unknown"
+
+
+__version__ = _version()
 ALGORITHM_NAME = "ctscreen"
 
 __all__ = ["ALGORITHM_NAME", "Screening", "__version__", "detect_lesions", "run_batch",
