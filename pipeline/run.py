@@ -68,7 +68,7 @@ class Stages:
         package version, the code of the modules that compute and encode results, each
         stage's method and version, each model file's sha256 (and the lung cross-check's
         method), and the analysis configuration.  It enters the fingerprint that decides a
-        re-screen and every output UID (``pipeline/report.py: content_identity``)."""
+        re-screen and every output UID (``pipeline/report/uids.py: content_identity``)."""
         doc = {
             "package": __version__,
             "code": code_digest(),
@@ -120,6 +120,14 @@ def stage_identity(stage: Any) -> dict[str, Any]:
     if spec is not None:
         out["model_sha256"] = spec.sha256
         out["model_z_step_mm"] = spec.z_step_mm
+        # what model.yaml says about pre- and post-processing changes the output as much as
+        # the weights do (an edited min_lesion_ml must not keep the old UIDs)
+        out["model_processing"] = {
+            "task": spec.task, "labels": list(spec.labels), "input": spec.input,
+            "spacing_mm": spec.spacing_mm, "hu_window": list(spec.hu_window),
+            "pad_multiple": spec.pad_multiple, "margin_mm": spec.margin_mm,
+            "min_lesion_mm2": spec.min_lesion_mm2, "min_lesion_ml": spec.min_lesion_ml,
+            "network_size": spec.network_size}
     cross = getattr(stage, "cross", None)
     if cross is not None:
         out["cross_check"] = stage_identity(cross)
