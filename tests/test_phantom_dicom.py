@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import geometry
 import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from geometry import rotation
 from pydicom import uid as dcm_uid
 
 from pipeline.artefacts import Volume
@@ -22,33 +24,10 @@ from pipeline.volume import build_volume
 CONFIG = VolumeConfig()
 
 
-def rotation(axis: Sequence[float], deg: float) -> npt.NDArray[np.float64]:
-    a = np.asarray(axis, dtype=np.float64)
-    a /= np.linalg.norm(a)
-    t = math.radians(deg)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
-
-
-def make_affine(
-    row_cos: Sequence[float] = (1, 0, 0),
-    col_cos: Sequence[float] = (0, 1, 0),
-    *,
-    pixel: tuple[float, float] = (0.75, 0.65),
-    step: float = 1.0,
-    reverse: bool = False,
-    frame: npt.NDArray[np.float64] | None = None,
-    origin: Sequence[float] = (-31.5, -12.25, -101.0),
-) -> npt.NDArray[np.float64]:
-    rc, cc = np.asarray(row_cos, float), np.asarray(col_cos, float)
-    if frame is not None:
-        rc, cc = frame @ rc, frame @ cc
-    a = np.eye(4)
-    a[:3, 0] = np.cross(rc, cc) * step * (-1 if reverse else 1)
-    a[:3, 1] = cc * pixel[0]
-    a[:3, 2] = rc * pixel[1]
-    a[:3, 3] = origin
-    return a
+def make_affine(**kw: Any) -> npt.NDArray[np.float64]:
+    """The shared affine with this file's pixel, step and origin as defaults."""
+    return geometry.make_affine(**{"pixel": (0.75, 0.65), "step": 1.0,
+                                   "origin": (-31.5, -12.25, -101.0), **kw})
 
 
 CASES: dict[str, dict[str, object]] = {

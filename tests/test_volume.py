@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from geometry import make_affine, rotation
 from pydicom import uid as dcm_uid
 from pydicom.errors import InvalidDicomError
 
@@ -57,37 +58,6 @@ def read_folder(folder: Path) -> list[pydicom.Dataset]:
 
 
 # ---------------------------------------------------------------- synthetic series
-
-
-def rotation(axis: Sequence[float], deg: float) -> npt.NDArray[np.float64]:
-    a = np.asarray(axis, dtype=np.float64)
-    a /= np.linalg.norm(a)
-    t = math.radians(deg)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
-
-
-def make_affine(
-    row_cos: Sequence[float] = (1, 0, 0),
-    col_cos: Sequence[float] = (0, 1, 0),
-    *,
-    pixel: tuple[float, float] = (0.8, 0.7),  # (between rows, between columns)
-    step: float = 2.0,
-    reverse: bool = False,
-    origin: Sequence[float] = (-20.0, -25.0, -40.0),
-    frame: npt.NDArray[np.float64] | None = None,
-) -> npt.NDArray[np.float64]:
-    """Affine with k along +normal (or -normal), r along col_cos, c along row_cos."""
-    rc, cc = np.asarray(row_cos, float), np.asarray(col_cos, float)
-    if frame is not None:
-        rc, cc = frame @ rc, frame @ cc
-    normal = np.cross(rc, cc)
-    a = np.eye(4)
-    a[:3, 0] = normal * step * (-1 if reverse else 1)
-    a[:3, 1] = cc * pixel[0]
-    a[:3, 2] = rc * pixel[1]
-    a[:3, 3] = origin
-    return a
 
 
 def phantom(shape: tuple[int, int, int] = (6, 32, 40), seed: int = 1) -> npt.NDArray[np.int16]:
