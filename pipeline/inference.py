@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -414,11 +415,23 @@ def kind_by_density(labels: npt.NDArray[np.uint8], hu: npt.NDArray[Any],
     consolidation (2) where ``hu``, smoothed in-plane with a Gaussian of
     ``KIND_SMOOTHING_MM``, is above ``consolidation_hu``, else ground glass (1).  Where a
     lesion is stays as the model said; only the kind changes."""
-    sigma = (0.0, KIND_SMOOTHING_MM / spacing_rc[0], KIND_SMOOTHING_MM / spacing_rc[1])
-    smooth = ndi.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=sigma)
-    les = labels > 0
     out = np.zeros_like(labels)
-    out[les] = np.where(smooth[les] > consolidation_hu, 2, 1).astype(np.uint8)
+    found = bounding_box(labels > 0)
+    if found is None:
+        return out
+    sigma = (0.0, KIND_SMOOTHING_MM / spacing_rc[0], KIND_SMOOTHING_MM / spacing_rc[1])
+    # smoothed only around the lesions: a margin beyond the kernel's reach (truncate 4)
+    # gives the same values as smoothing the whole slice
+    box = [found[0]]
+    for axis in (1, 2):
+        m = math.ceil(4.0 * sigma[axis]) + 1
+        box.append(slice(max(0, found[axis].start - m), min(labels.shape[axis],
+                                                             found[axis].stop + m)))
+    sub = tuple(box)
+    smooth = ndi.gaussian_filter(np.asarray(hu[sub], dtype=np.float32), sigma=sigma)
+    les = labels[sub] > 0
+    view = out[sub]
+    view[les] = np.where(smooth[les] > consolidation_hu, 2, 1).astype(np.uint8)
     return out
 
 

@@ -223,3 +223,20 @@ def test_the_configured_split_reaches_the_served_detector() -> None:
     assert LesionsConfig().model_consolidation_hu == -400.0
     det = detector_for(LesionsConfig(detector="onnx", model_consolidation_hu=None))
     assert det.consolidation_hu is None  # type: ignore[attr-defined]
+
+
+def test_kind_by_density_smooths_around_the_lesions_as_over_the_whole_slice() -> None:
+    from scipy import ndimage as ndi
+
+    from pipeline.inference import kind_by_density
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-500, 300, (3, 120, 130)).astype(np.float32)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[:, 40:70, 50:60] = 1
+    labels[1, 2:5, 0:3] = 2  # at the image border
+    smooth = ndi.gaussian_filter(hu, (0, 1 / 0.7, 1 / 0.8))
+    want = np.zeros_like(labels)
+    want[labels > 0] = np.where(smooth[labels > 0] > -400, 2, 1)
+    assert np.array_equal(kind_by_density(labels, hu, (0.7, 0.8), -400.0), want)
+    assert not kind_by_density(np.zeros_like(labels), hu, (0.7, 0.8), -400.0).any()
