@@ -292,6 +292,39 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``ctscreen serve``: the radiologists' worklist in the browser (see docs/web.md)."""
+
+    # the per-study view store (downsampled slices, labels, key images) written at screening
+    # time; empty: "<worklist db stem>.views" beside the worklist
+    view_store: str = ""
+    view_max_px: int = 256  # stored slices are downsampled to at most this many pixels a side
+    # users, sessions, reviews and the audit log (SQLite); empty: "<worklist db stem>.web.sqlite"
+    # beside the worklist
+    db: str = ""
+    bind_address: str = "127.0.0.1"  # loopback; 0.0.0.0 to serve the network (put TLS in front)
+    port: int = 8080
+    session_idle_min: float = 30.0  # a session unused this long is over
+    session_max_hours: float = 12.0  # ... and any session ends this long after the login
+    login_max_failures: int = 5  # failed logins of one user name (or one client) within ...
+    login_window_s: float = 900.0  # ... this many seconds refuse further attempts until it passes
+    # a link on the study page to the site's viewer; {study_uid} and {accession} are filled in,
+    # e.g. "http://localhost:8042/ohif/viewer?StudyInstanceUIDs={study_uid}"; empty hides it
+    viewer_url_template: str = ""
+    # mark the session cookie Secure (sent over HTTPS only): set true behind TLS
+    cookie_secure: bool = False
+    page_size: int = 50  # worklist rows per page
+    list_refresh_s: int = 60  # the list page polls for changes this often (0: never)
+    # drift: a week whose sensitivity / specificity / positive predictive value against the
+    # reviews falls below these is marked on the metrics page
+    min_sensitivity: float = 0.8
+    min_specificity: float = 0.6
+    min_ppv: float = 0.5
+    # the study-level calls (categories) that count as a positive screen
+    positive_categories: tuple[str, ...] = ("typical", "indeterminate")
+
+
+@dataclass(frozen=True)
 class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
@@ -303,6 +336,7 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def archive(self, name: str) -> ArchiveConfig:
         """The archive configured under ``name``, or a ConfigError naming the known ones."""
