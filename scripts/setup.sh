@@ -4,7 +4,8 @@
 # orthanc-gdcm, the real PACS the tests start on loopback with their own configuration;
 # dcmtk, whose storescu/findscu are the independent DICOM implementation the tests talk to;
 # postgresql, the server the tests start in a temporary folder for the shared batch state;
-# nodejs and npm, which run OHIF's SR extension from tests/ohif).
+# nodejs and npm, which run OHIF's SR extension from tests/ohif; chromium and chromium-driver,
+# the headless browser that tests/test_web_browser.py drives through Selenium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,8 @@ if [[ "${1:-}" == "--test" ]]; then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    [[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
     if ((${#missing[@]})); then
         echo "installing Debian packages: ${missing[*]}"
         sudo_cmd=""
