@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import FINDSCU_AE, site_config
 from orthanc import AET, Orthanc, free_port, require_dcmtk
+from pacs_kit import write_phantom
 from pynetdicom import AE
-from test_pacs import write_phantom
 
 from pipeline.cli import outbox_path
 from pipeline.config import load_config

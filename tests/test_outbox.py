@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pydicom
 from orthanc import free_port
-from test_pacs import write_phantom
-from test_pacs_faults import _small_sc
+from pacs_kit import small_sc, write_phantom
 
 from pipeline.archive import open_archive
 from pipeline.archive.folder import RESULTS_DIR, FolderArchive
@@ -30,7 +29,7 @@ def test_backoff_doubles_while_the_archive_is_down(tmp_path: Path) -> None:
     )
     cfg = OutboxConfig(backoff_initial_s=60.0, backoff_max_s=100.0)
     with Outbox(tmp_path / "ob", cfg) as ob:
-        a, b = _small_sc(), _small_sc()
+        a, b = small_sc(), small_sc()
         refs = write_back(down, [("sc", a), ("sc", b)], ob)
         assert [r.locator for r in refs] == ["outbox:pending"] * 2
         first = {it.sop_uid: it for it in ob.items()}

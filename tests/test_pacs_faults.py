@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from conftest import FINDSCU_AE, OUR_AE, site_config
 from orthanc import AET, Orthanc, free_port, require_orthanc
+from pacs_kit import PHANTOM_NIGHT, result_counts, run_cli, small_sc, write_phantom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from test_pacs import PHANTOM_NIGHT, result_counts, run_cli, write_phantom
 
 from pipeline.archive import open_archive
 from pipeline.batch import run_batch
@@ -144,7 +144,7 @@ def test_refused_store_is_recorded_with_its_status_and_not_retried_blindly(
             kind="dimse", host="127.0.0.1", port=scp.port, called_ae="FULLPACS", timeout_s=5
         )
         archive = open_archive("full", cfg)
-        ds = _small_sc()
+        ds = small_sc()
         with Outbox(tmp_path / "wl.sqlite.outbox") as ob:
             (ref,) = write_back(archive, [("sc", ds)], ob)
             assert ref.locator == "outbox:refused:0xA700"
@@ -169,23 +169,6 @@ def test_refused_store_is_recorded_with_its_status_and_not_retried_blindly(
         assert rc == 1 and scp.stores == 3 and "0xA700" in text
     finally:
         scp.close()
-
-
-def _small_sc() -> Dataset:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
 
 
 @pytest.mark.parametrize("door", ["pacs", "pacs-web"])
@@ -287,4 +270,4 @@ def test_archive_unavailable_is_its_own_error() -> None:
     """Connection failures are ArchiveUnavailable (retried), not a refusal."""
     cfg = ArchiveConfig(kind="dimse", host="127.0.0.1", port=free_port(), called_ae="X")
     with pytest.raises(ArchiveUnavailable, match="connection refused"):
-        open_archive("x", cfg).store(_small_sc())
+        open_archive("x", cfg).store(small_sc())
