@@ -4,6 +4,8 @@ Geometry convention (the only one in this package): DICOM patient coordinates, L
 in millimetres.  A ``Volume`` array is indexed ``[k, r, c]`` = (slice, row, column);
 its ``affine`` maps the homogeneous index ``(k, r, c, 1)`` to LPS.  Stages never flip or
 permute arrays to "make them look right": sides and positions are computed in LPS.
+That geometry has one home, :class:`Grid` (shape and affine, no voxels): index <-> LPS,
+and the grids of a crop, of block means and of a resampling; stages take theirs from it.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ HEADER_KEYWORDS = frozenset({
     "ImageType", "SeriesNumber", "InstanceNumber", "SeriesDescription", "BodyPartExamined",
     "ConvolutionKernel", "SliceThickness", "PixelSpacing", "ImageOrientationPatient",
     "ImagePositionPatient", "Rows", "Columns", "GantryDetectorTilt", "StudyDate", "StudyTime",
-    "AccessionNumber", "NumberOfFrames",
+    "AccessionNumber", "NumberOfFrames", "PatientName", "PatientID",
 })
 
 
@@ -160,6 +162,10 @@ class StudyRef:
     # What an earlier run delivered for this study (from the worklist): the SR that a new
     # result replaces names them as its predecessors.
     previous_results: tuple[OutputRef, ...] = ()
+    # PatientName / PatientID as the archive gave them (headers, C-FIND, QIDO-RS), for the
+    # worklist's web pages only: kept out of repr, so never in a log line or traceback
+    patient_name: str = field(default="", repr=False)
+    patient_id: str = field(default="", repr=False)
 
     @property
     def n_instances(self) -> int:
@@ -191,8 +197,133 @@ class Selection:
 
 
 @dataclass(frozen=True, eq=False)
+class Grid:
+    """A voxel grid without voxels: ``shape`` (k, r, c) and the 4x4 ``affine`` that maps the
+    homogeneous index ``(k, r, c, 1)`` to LPS mm.
+
+    The one home of index <-> LPS geometry: a :class:`Volume` has one (:attr:`Volume.grid`),
+    and a stage that works on part of a volume or on a coarser grid derives that grid with
+    :meth:`crop`, :meth:`downsample` or :meth:`resampled`, never with an affine of its own.
+    The affine is a read-only copy; two grids are equal when shape and affine are.
+    """
+
+    shape: tuple[int, int, int]
+    affine: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(int(n) for n in self.shape) < 1:
+            raise ValueError(f"Grid needs a 3-D shape of positive sizes, got {self.shape}")
+        affine = np.array(self.affine, dtype=np.float64)  # a copy: the grid never changes
+        if affine.shape != (4, 4):
+            raise ValueError(f"Grid needs a 4x4 affine, got {affine.shape}")
+        affine.setflags(write=False)
+        k, r, c = self.shape
+        object.__setattr__(self, "shape", (int(k), int(r), int(c)))
+        object.__setattr__(self, "affine", affine)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Grid):
+            return NotImplemented
+        return self.shape == other.shape and bool(np.array_equal(self.affine, other.affine))
+
+    def __hash__(self) -> int:
+        return hash((self.shape, self.affine.tobytes()))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along (k, r, c) in mm: the length of each affine column."""
+        n = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(n[0]), float(n[1]), float(n[2]))
+
+    @property
+    def direction(self) -> npt.NDArray[np.float64]:
+        """3x3, columns = unit LPS vectors of the k, r and c axes."""
+        return np.asarray(self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def origin(self) -> npt.NDArray[np.float64]:
+        """LPS position of voxel (0, 0, 0)."""
+        return np.asarray(self.affine[:3, 3])
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """One voxel's volume: |det| of the affine's 3x3 part (right for a sheared grid too)."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])) / 1000.0)
+
+    def index_to_lps(self, kji: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """(N, 3) voxel indices (k, r, c), fractional allowed -> (N, 3) LPS mm."""
+        idx = np.atleast_2d(np.asarray(kji, dtype=np.float64))
+        return np.asarray(idx @ self.affine[:3, :3].T + self.affine[:3, 3])
+
+    def lps_to_index(self, xyz: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """(N, 3) LPS mm -> (N, 3) fractional voxel indices (k, r, c)."""
+        pts = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
+        inv = np.linalg.inv(self.affine)
+        return np.asarray(pts @ inv[:3, :3].T + inv[:3, 3])
+
+    def lps_coordinate(self, axis: int, box: tuple[slice, ...] | None = None,
+                       dtype: npt.DTypeLike = np.float64) -> npt.NDArray[Any]:
+        """LPS coordinate ``axis`` (0=x/L, 1=y/P, 2=z/S) of every voxel of ``box`` (three
+        slices of unit step in this grid's indices; None: the whole grid), an array of the
+        box's shape computed in ``dtype`` (float32 halves the memory of a big box)."""
+        bounds = self._bounds(box)
+        if any(step != 1 for _, _, step in bounds):
+            raise ValueError(f"lps_coordinate needs a box of unit steps, got {box}")
+        a = self.affine[axis].astype(dtype)
+        k, r, c = (np.arange(lo, hi, dtype=dtype) for lo, hi, _ in bounds)
+        return np.asarray(a[0] * k[:, None, None] + a[1] * r[None, :, None]
+                          + a[2] * c[None, None, :] + a[3], dtype=dtype)
+
+    def crop(self, box: tuple[slice, ...]) -> Grid:
+        """The grid of ``array[box]`` for an array on this grid: ``box`` is three slices, read
+        as numpy reads them (open or negative bounds; a step n > 1 keeps every n-th voxel)."""
+        bounds = self._bounds(box)
+        k, r, c = (len(range(lo, hi, step)) for lo, hi, step in bounds)
+        if min(k, r, c) < 1:
+            raise ValueError(f"crop {box} of a grid of shape {self.shape} is empty")
+        start = np.array([lo for lo, _, _ in bounds], dtype=np.float64)
+        steps = np.array([step for _, _, step in bounds], dtype=np.float64)
+        out = np.array(self.affine)
+        out[:3, :3] = self.affine[:3, :3] * steps
+        out[:3, 3] = self.affine[:3, :3] @ start + self.affine[:3, 3]
+        return Grid((k, r, c), out)
+
+    def downsample(self, factors: tuple[int, int, int]) -> Grid:
+        """The grid of the means over (f0, f1, f2) blocks of voxels (``lungs.block_mean``:
+        the last block of an axis is edge-padded, so each size is rounded up).  Its voxel i
+        is the block ``f * i .. f * i + f - 1`` and lies at the block's centre, index
+        ``f * i + (f - 1) / 2`` of this grid."""
+        if len(factors) != 3 or min(int(n) for n in factors) < 1:
+            raise ValueError(f"downsample needs three factors >= 1, got {factors}")
+        f = np.asarray(factors, dtype=np.float64)
+        k, r, c = (-(-n // int(b)) for n, b in zip(self.shape, factors, strict=True))
+        out = np.array(self.affine)
+        out[:3, :3] = self.affine[:3, :3] * f
+        out[:3, 3] = self.affine[:3, :3] @ ((f - 1.0) / 2.0) + self.affine[:3, 3]
+        return Grid((k, r, c), out)
+
+    def resampled(self, to_index: npt.NDArray[np.float64],
+                  shape: tuple[int, int, int]) -> Grid:
+        """A grid of ``shape`` whose voxel i lies at this grid's fractional index
+        ``to_index @ (i, 1)`` (``to_index``: 4x4, e.g. a network's square grid per slice)."""
+        return Grid(shape, self.affine @ np.asarray(to_index, dtype=np.float64))
+
+    def _bounds(self, box: tuple[slice, ...] | None) -> list[tuple[int, int, int]]:
+        """(start, stop, step) per axis of ``box`` on this grid."""
+        if box is None:
+            return [(0, n, 1) for n in self.shape]
+        if len(box) != 3 or not all(isinstance(s, slice) for s in box):
+            raise ValueError(f"expected a box of three slices, got {box}")
+        out = [s.indices(n) for s, n in zip(box, self.shape, strict=True)]
+        if any(step < 1 for _, _, step in out):
+            raise ValueError(f"expected positive steps, got {box}")
+        return out
+
+
+@dataclass(frozen=True, eq=False)
 class Volume:
-    """Voxels with their geometry.  ``array[k, r, c]``; ``affine @ (k, r, c, 1)`` = LPS mm."""
+    """Voxels with their geometry.  ``array[k, r, c]``; ``affine @ (k, r, c, 1)`` = LPS mm;
+    the geometry is the :class:`Grid` of :attr:`grid` (the methods below delegate to it)."""
 
     array: npt.NDArray[Any]
     affine: npt.NDArray[np.float64]
@@ -210,43 +341,40 @@ class Volume:
         return (int(k), int(r), int(c))
 
     @property
+    def grid(self) -> Grid:
+        """The volume's grid (shape and affine, no voxels): all of its geometry."""
+        return Grid(self.shape, self.affine)
+
+    @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size along (k, r, c) in mm."""
-        n = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return (float(n[0]), float(n[1]), float(n[2]))
+        return self.grid.spacing
 
     @property
     def direction(self) -> npt.NDArray[np.float64]:
         """3x3, columns = unit LPS vectors of the k, r and c axes."""
-        return np.asarray(self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0))
+        return self.grid.direction
 
     @property
     def origin(self) -> npt.NDArray[np.float64]:
         """LPS position of voxel (0, 0, 0)."""
-        return np.asarray(self.affine[:3, 3])
+        return self.grid.origin
 
     @property
     def voxel_volume_ml(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3])) / 1000.0)
+        return self.grid.voxel_volume_ml
 
     def index_to_lps(self, kji: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """(N, 3) voxel indices (k, r, c) -> (N, 3) LPS mm."""
-        idx = np.atleast_2d(np.asarray(kji, dtype=np.float64))
-        return np.asarray(idx @ self.affine[:3, :3].T + self.affine[:3, 3])
+        return self.grid.index_to_lps(kji)
 
     def lps_to_index(self, xyz: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """(N, 3) LPS mm -> (N, 3) fractional voxel indices (k, r, c)."""
-        pts = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
-        inv = np.linalg.inv(self.affine)
-        return np.asarray(pts @ inv[:3, :3].T + inv[:3, 3])
+        return self.grid.lps_to_index(xyz)
 
     def lps_grid(self, axis: int) -> npt.NDArray[np.float64]:
         """LPS coordinate ``axis`` (0=x/L, 1=y/P, 2=z/S) of every voxel, same shape as array."""
-        k, r, c = (np.arange(n, dtype=np.float64) for n in self.shape)
-        a = self.affine[axis]
-        return np.asarray(
-            a[0] * k[:, None, None] + a[1] * r[None, :, None] + a[2] * c[None, None, :] + a[3]
-        )
+        return self.grid.lps_coordinate(axis)
 
     def with_array(self, array: npt.NDArray[Any]) -> Volume:
         """A volume on the same grid holding ``array`` (a mask, a probability map...)."""
@@ -409,6 +537,9 @@ class ScreeningResult:
     outputs: tuple[OutputRef, ...] = ()
     algorithm_version: str = ""
     timings_s: dict[str, float] = field(default_factory=dict)
+    # from the StudyRef, for the worklist's web pages only (never logged: not in repr)
+    patient_name: str = field(default="", repr=False)
+    patient_id: str = field(default="", repr=False)
 
 
 # ---------------------------------------------------------------- SimpleITK bridge

@@ -109,12 +109,16 @@ def group_studies(
     starting with ``no-uid-`` so that they still reach the worklist with a reason.
     """
     by_study: dict[str, dict[str, list[InstanceHeader]]] = defaultdict(lambda: defaultdict(list))
+    # PatientName / PatientID of each study: the first instance that has them (never logged)
+    patient: dict[str, tuple[str, str]] = {}
     for ds, locator in items:
         h = instance_header(ds, locator, query_based)
         folder = locator.rsplit("/", 1)[0]
         study_key = h.study_uid or NO_UID_PREFIX + _short_hash(folder)
         series_key = h.series_uid or NO_UID_PREFIX + _short_hash(folder + "|" + h.modality)
         by_study[study_key][series_key].append(h)
+        if not any(patient.get(study_key, ("", ""))):
+            patient[study_key] = (_single(ds, "PatientName"), _single(ds, "PatientID"))
     studies = []
     for study_key in sorted(by_study):
         series = []
@@ -133,6 +137,8 @@ def group_studies(
                 study_time=first.study_time,
                 accession_number=first.accession_number,
                 uid_valid=not study_key.startswith(NO_UID_PREFIX),
+                patient_name=patient.get(study_key, ("", ""))[0],
+                patient_id=patient.get(study_key, ("", ""))[1],
             )
         )
     return studies
@@ -149,6 +155,12 @@ def _text(ds: Dataset, keyword: str) -> str:
     if not isinstance(v, str | bytes) and hasattr(v, "__iter__"):
         return "\\".join(str(x) for x in v).strip()
     return str(v).strip()
+
+
+def _single(ds: Dataset, keyword: str) -> str:
+    """A one-valued text attribute (a PersonName too, which iterates by character)."""
+    v = ds.get(keyword)
+    return "" if v is None else str(v).strip()
 
 
 def _multi(ds: Dataset, keyword: str) -> list[Any]:

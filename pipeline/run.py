@@ -190,6 +190,8 @@ def analyse_study(
         status=Status.NOT_ANALYSED,
         algorithm_version=stages.algorithm_version,
         timings_s=timings,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
     )
     selection = select_series(study, cfg.selection)
     series = selection.chosen

@@ -80,6 +80,8 @@ def refused(study: StudyRef, status: Status, code: str, algorithm_version: str) 
         status=status,
         reasons=(code,),
         algorithm_version=algorithm_version,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
     )
 
 

@@ -12,13 +12,21 @@ Ranking (most urgent first), by the study-level call (the RSNA category, see
 Within a group, older studies first (they have waited longest).  Rows written before the
 RSNA categories hold "present" / "indeterminate" / "absent": "present" ranks and shows
 with the typical studies, "absent" with the negative ones (the row keeps its old value).
+
+The group is a generated column (``rank_group``, computed by SQLite from status, pattern and
+warnings, so it can never go stale) with an index on (group, score, date, UID): the list
+is ordered and paged in SQL (:meth:`Worklist.page`), fast with a year of studies.  A
+database from before the column gets it (and the patient columns) when first opened.
+
+Patient name and ID are stored for the pages of ``ctscreen serve`` only: they are left out
+of ``repr``, of :meth:`WorklistRow.as_json` and of the terminal table, and never logged.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +62,38 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 """
 
+# Columns added after the first release: (name, declaration), added to an older database
+# by _migrate when it is opened.  rank_group is the ranking group of the module docstring,
+# 0 (typical) .. 4 (negative); legacy "present" / "absent" as typical / negative.
+_RANK_GROUP_SQL = """CASE
+    WHEN status <> 'analysed' THEN 3
+    WHEN pattern IN ('typical', 'present') THEN 0
+    WHEN pattern = 'indeterminate' THEN 1
+    WHEN pattern = 'atypical' THEN 2
+    WHEN pattern IN ('negative', 'absent') THEN
+        CASE WHEN json_valid(warnings) THEN
+            CASE WHEN json_array_length(warnings) > 0 THEN 3 ELSE 4 END
+        ELSE 3 END
+    ELSE 3 END"""
+_ADDED_COLUMNS = (
+    ("patient_name", "TEXT NOT NULL DEFAULT ''"),
+    ("patient_id", "TEXT NOT NULL DEFAULT ''"),
+    ("rank_group", f"INTEGER GENERATED ALWAYS AS ({_RANK_GROUP_SQL}) VIRTUAL"),
+)
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS studies_rank
+    ON studies (rank_group, COALESCE(suspicion, 0.0) DESC, study_date, study_uid);
+CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date);
+CREATE INDEX IF NOT EXISTS studies_updated ON studies (updated_at);
+"""
+# The ranking, in SQL: the order of the module docstring (a missing score counts as 0).
+_ORDER_BY = "rank_group, COALESCE(suspicion, 0.0) DESC, study_date, study_uid"
+# The groups by name (filters of Worklist.page): "read" is group 3, the studies a reader
+# must look at without a call (not analysed, failed, a negative with a quality warning).
+GROUPS = {"typical": 0, "indeterminate": 1, "atypical": 2, "read": 3, "negative": 4}
+
 # Values stored by earlier versions ("present" / "absent") read as their nearest category.
 _LEGACY = {"present": Pattern.TYPICAL.value, "absent": Pattern.NEGATIVE.value}
-_GROUP = {Pattern.TYPICAL.value: 0, Pattern.INDETERMINATE.value: 1, Pattern.ATYPICAL.value: 2,
-          Pattern.NEGATIVE.value: 4}
-_NOT_ANALYSED_GROUP = 3
 _FLAG = {
     Pattern.TYPICAL.value: "TYPICAL",
     Pattern.INDETERMINATE.value: "indeterminate",
@@ -96,6 +131,10 @@ class WorklistRow:
     algorithm_version: str
     result_uids: dict[str, list[str]]
     updated_at: str
+    # identifying: shown by the web pages to the roles allowed to see them, nowhere else
+    patient_name: str = field(default="", repr=False)
+    patient_id: str = field(default="", repr=False)
+    rank_group: int = 3
 
     @property
     def status_text(self) -> str:
@@ -104,17 +143,52 @@ class WorklistRow:
         return f"not analysed: {', '.join(self.reasons) or 'unknown'}"
 
     def as_json(self) -> dict[str, Any]:
+        """The row for scripts (``ctscreen worklist --json``), without the patient's name and ID."""
         d = asdict(self)
+        del d["patient_name"], d["patient_id"]
         d["status_text"] = self.status_text
         return d
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """What :meth:`Worklist.page` keeps: study dates (YYYYMMDD, inclusive; empty: open),
+    a status ("analysed", "not-analysed", "failed"; empty: any) and a group of
+    :data:`GROUPS` by name (empty: any)."""
+
+    date_from: str = ""
+    date_to: str = ""
+    status: str = ""
+    group: str = ""
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition and its parameters ("1" where nothing is filtered)."""
+        terms: list[str] = []
+        args: list[Any] = []
+        if self.date_from:
+            terms.append("study_date >= ?")
+            args.append(self.date_from)
+        if self.date_to:
+            terms.append("study_date <= ? AND study_date <> ''")
+            args.append(self.date_to)
+        if self.status:
+            terms.append("status = ?")
+            args.append(self.status)
+        if self.group:
+            if self.group not in GROUPS:
+                raise ValueError(f"expected a group of {sorted(GROUPS)}, got {self.group!r}")
+            terms.append("rank_group = ?")
+            args.append(GROUPS[self.group])
+        return (" AND ".join(terms) or "1"), args
 
 
 class Worklist:
     """SQLite-backed worklist.  One connection per process; WAL so readers never block."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check_same_thread: bool = True) -> None:
         self.path = Path(path)
-        self._db = open_sqlite(self.path, SCHEMA)
+        self._db = open_sqlite(self.path, SCHEMA, check_same_thread=check_same_thread)
+        _migrate(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -142,8 +216,9 @@ class Worklist:
                 INSERT INTO studies (study_uid, accession_number, study_date, status, reasons,
                     warnings, series_uid, series_description, n_slices, lung_right_ml, lung_left_ml,
                     involved_pct, severity_score, severity_max, suspicion, pattern, n_findings,
-                    outputs, algorithm_version, fingerprint, timings, first_seen, updated_at)
-                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                    outputs, algorithm_version, fingerprint, timings, first_seen, updated_at,
+                    patient_name, patient_id)
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                 ON CONFLICT(study_uid) DO UPDATE SET
                     accession_number=excluded.accession_number, study_date=excluded.study_date,
                     status=excluded.status, reasons=excluded.reasons,
@@ -156,7 +231,8 @@ class Worklist:
                     pattern=excluded.pattern, n_findings=excluded.n_findings,
                     outputs=excluded.outputs, algorithm_version=excluded.algorithm_version,
                     fingerprint=excluded.fingerprint, timings=excluded.timings,
-                    updated_at=excluded.updated_at
+                    updated_at=excluded.updated_at, patient_name=excluded.patient_name,
+                    patient_id=excluded.patient_id
                 """,
                 (
                     result.study_uid,
@@ -182,60 +258,115 @@ class Worklist:
                     json.dumps(result.timings_s),
                     now,
                     now,
+                    result.patient_name,
+                    result.patient_id,
                 ),
             )
 
     def rows(self) -> list[WorklistRow]:
         """Every study, ranked most urgent first (see the module docstring)."""
-        raw = self._db.execute("SELECT * FROM studies").fetchall()
+        raw = self._db.execute(f"SELECT * FROM studies ORDER BY {_ORDER_BY}").fetchall()
+        return [_row(r, i) for i, r in enumerate(raw, start=1)]
 
-        def key(r: sqlite3.Row) -> tuple[int, float, str, str]:
-            if r["status"] != Status.ANALYSED.value:
-                group = _NOT_ANALYSED_GROUP
-            else:
-                group = _GROUP.get(_category(r["pattern"]), _NOT_ANALYSED_GROUP)
-                if group == _GROUP[Pattern.NEGATIVE.value] and json.loads(r["warnings"]):
-                    group = _NOT_ANALYSED_GROUP  # negative from a doubtful analysis: read it
+    def page(
+        self, offset: int = 0, limit: int = 50, filters: WorklistFilter | None = None
+    ) -> tuple[list[WorklistRow], int]:
+        """``limit`` rows from ``offset`` of the ranked list (``rows()``'s order) that pass
+        ``filters``, and how many pass in all.  Ordered, paged and counted in SQL, on the
+        rank index: fast with hundreds of thousands of studies."""
+        where, args = (filters or WorklistFilter()).where()
+        raw = self._db.execute(
+            f"SELECT * FROM studies WHERE {where} ORDER BY {_ORDER_BY} LIMIT ? OFFSET ?",
+            [*args, max(0, limit), max(0, offset)],
+        ).fetchall()
+        total = self._db.execute(f"SELECT COUNT(*) FROM studies WHERE {where}", args).fetchone()
+        return [_row(r, offset + i) for i, r in enumerate(raw, start=1)], int(total[0])
 
-            return (group, -(r["suspicion"] or 0.0), r["study_date"], r["study_uid"])
+    def get(self, study_uid: str) -> WorklistRow | None:
+        """The study's row (its rank is 0: not computed), or None."""
+        r = self._db.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return None if r is None else _row(r, 0)
 
-        out = []
-        for i, r in enumerate(sorted(raw, key=key), start=1):
-            outputs = [OutputRef(**o) for o in json.loads(r["outputs"])]
-            uids: dict[str, list[str]] = {}
-            for o in outputs:
-                uids.setdefault(o.kind, []).append(o.sop_instance_uid)
-            analysed = r["status"] == Status.ANALYSED.value
-            warnings = json.loads(r["warnings"])
-            flag = _FLAG.get(_category(r["pattern"]), "?") if analysed else "NOT ANALYSED"
-            if analysed and warnings and flag == "-":
-                flag = "check"
-            out.append(
-                WorklistRow(
-                    rank=i,
-                    study_uid=r["study_uid"],
-                    accession_number=r["accession_number"],
-                    study_date=r["study_date"],
-                    status=r["status"],
-                    flag=flag,
-                    reasons=json.loads(r["reasons"]),
-                    warnings=warnings,
-                    suspicion=r["suspicion"],
-                    pattern=r["pattern"],
-                    involved_pct=r["involved_pct"],
-                    severity_score=r["severity_score"],
-                    severity_max=r["severity_max"],
-                    lung_right_ml=r["lung_right_ml"],
-                    lung_left_ml=r["lung_left_ml"],
-                    n_findings=r["n_findings"],
-                    series_uid=r["series_uid"],
-                    series_description=r["series_description"],
-                    algorithm_version=r["algorithm_version"],
-                    result_uids=uids,
-                    updated_at=r["updated_at"],
-                )
+    def stamp(self) -> str:
+        """Changes whenever a row is recorded (the list page polls it to refresh)."""
+        r = self._db.execute("SELECT COUNT(*), MAX(updated_at) FROM studies").fetchone()
+        return f"{r[0]}:{r[1] or ''}"
+
+    def calls_by_date(
+        self, date_from: str = "", date_to: str = ""
+    ) -> list[tuple[str, str, str, int, int]]:
+        """Per study date, status and stored pattern, the studies and those with quality
+        warnings (for the flag rate per week of the metrics page)."""
+        where, args = WorklistFilter(date_from=date_from, date_to=date_to).where()
+        return [
+            (r[0], r[1], r[2] or "", int(r[3]), int(r[4]))
+            for r in self._db.execute(
+                f"""SELECT study_date, status, pattern, COUNT(*),
+                        SUM(CASE WHEN warnings <> '[]' THEN 1 ELSE 0 END)
+                    FROM studies WHERE {where} GROUP BY study_date, status, pattern""",
+                args,
             )
-        return out
+        ]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns of ``_ADDED_COLUMNS`` an older database lacks, and the indexes (in
+    one immediate transaction, so two processes opening it at once do not race)."""
+    have = {r["name"] for r in db.execute("PRAGMA table_xinfo(studies)")}
+    if all(name in have for name, _ in _ADDED_COLUMNS):
+        with db:
+            db.executescript(_INDEXES)
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {r["name"] for r in db.execute("PRAGMA table_xinfo(studies)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE studies ADD COLUMN {name} {decl}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    with db:
+        db.executescript(_INDEXES)
+
+
+def _row(r: sqlite3.Row, rank: int) -> WorklistRow:
+    outputs = [OutputRef(**o) for o in json.loads(r["outputs"])]
+    uids: dict[str, list[str]] = {}
+    for o in outputs:
+        uids.setdefault(o.kind, []).append(o.sop_instance_uid)
+    analysed = r["status"] == Status.ANALYSED.value
+    warnings = json.loads(r["warnings"])
+    flag = _FLAG.get(_category(r["pattern"]), "?") if analysed else "NOT ANALYSED"
+    if analysed and warnings and flag == "-":
+        flag = "check"
+    return WorklistRow(
+        rank=rank,
+        study_uid=r["study_uid"],
+        accession_number=r["accession_number"],
+        study_date=r["study_date"],
+        status=r["status"],
+        flag=flag,
+        reasons=json.loads(r["reasons"]),
+        warnings=warnings,
+        suspicion=r["suspicion"],
+        pattern=r["pattern"],
+        involved_pct=r["involved_pct"],
+        severity_score=r["severity_score"],
+        severity_max=r["severity_max"],
+        lung_right_ml=r["lung_right_ml"],
+        lung_left_ml=r["lung_left_ml"],
+        n_findings=r["n_findings"],
+        series_uid=r["series_uid"],
+        series_description=r["series_description"],
+        algorithm_version=r["algorithm_version"],
+        result_uids=uids,
+        updated_at=r["updated_at"],
+        patient_name=r["patient_name"],
+        patient_id=r["patient_id"],
+        rank_group=r["rank_group"],
+    )
 
 
 def format_table(rows: list[WorklistRow]) -> str:

@@ -129,7 +129,7 @@ class DicomWebArchive:
             self.client.search_for_studies,
             "0020000D",
             search_filters=filters,
-            fields=["StudyDate", "StudyTime", "AccessionNumber"],
+            fields=["StudyDate", "StudyTime", "AccessionNumber", "PatientName", "PatientID"],
         )
         log.info("%s: %d studies with CT in %s", self.name, len(studies), window)
         for st in studies:
@@ -165,6 +165,7 @@ class DicomWebArchive:
                     for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
                         if tag in ds:
                             del ds[tag]
+                    _patient_from_study(ds, st)
                     yield ds, locator(study_uid, series_uid, str(ds.get("SOPInstanceUID", "")))
 
     def _pages(self, what: str, fn: Any, key: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -238,6 +239,19 @@ class DicomWebArchive:
             if warn not in (None, ""):
                 log.warning("%s: STOW-RS stored %s with warning 0x%04X", self.name, sop, warn)
         return locator(study_uid, str(ds.SeriesInstanceUID), sop)
+
+
+def _patient_from_study(ds: Dataset, study: dict[str, Any]) -> None:
+    """PatientName / PatientID from the QIDO-RS study answer where the instance's metadata
+    lacks them (for the worklist's pages; never logged)."""
+    name = _json_value(study, "00100010")
+    if isinstance(name, dict):  # a PN value in DICOM JSON: {"Alphabetic": "Doe^Jane"}
+        name = name.get("Alphabetic", "")
+    if not ds.get("PatientName") and name:
+        ds.PatientName = str(name)
+    patient_id = _json_value(study, "00100020")
+    if not ds.get("PatientID") and patient_id:
+        ds.PatientID = str(patient_id)
 
 
 def _json_value(item: dict[str, Any], tag: str) -> Any:

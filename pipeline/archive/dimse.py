@@ -239,6 +239,9 @@ class DimseArchive:
                     for ds in answers:
                         ds.StudyInstanceUID = study_uid
                         ds.SeriesInstanceUID = series_uid
+                        for k in ("PatientName", "PatientID"):  # the study answer's
+                            if not ds.get(k) and st.get(k):
+                                setattr(ds, k, st.get(k))
                         if not ds.get("Modality"):
                             ds.Modality = modality
                         sop = str(ds.get("SOPInstanceUID", ""))
@@ -419,6 +422,8 @@ def _study_query(window: QueryWindow) -> Dataset:
     q.StudyDate = window.date_range()
     q.StudyTime = ""
     q.AccessionNumber = ""
+    q.PatientName = ""  # for the worklist's pages (never logged)
+    q.PatientID = ""
     q.ModalitiesInStudy = "CT"
     return q
 
