@@ -216,8 +216,8 @@ class DensityLesionDetector:
         f = working_factors(ct.spacing, cfg.working_spacing_mm)
         hu = block_mean(ct.array[sl], f)
         lung = block_mean(lung_full[sl], f) >= 0.5
-        sp = (ct.spacing[0] * f[0], ct.spacing[1] * f[1], ct.spacing[2] * f[2])
-        voxel_ml = float(np.prod(sp)) / 1000.0
+        work = ct.grid.crop(sl).downsample(f)  # the grid of hu and lung
+        sp, voxel_ml = work.spacing, work.voxel_volume_ml
         s = ndi.gaussian_filter(hu, sigma=[cfg.smoothing_sigma_mm / v for v in sp], truncate=2.0)
 
         def half(mm: float) -> tuple[int, int, int]:
@@ -288,16 +288,6 @@ def suspicion_score(involved_pct: float, n_zones: int, bilateral: bool) -> float
     return float(min(1.0, base ** exponent))
 
 
-def _slab_z(affine: npt.NDArray[np.float64], k0: int, k1: int,
-            rows: slice, cols: slice) -> npt.NDArray[np.float32]:
-    """LPS z of every voxel of slices k0..k1 (rows, cols sub-window), float32."""
-    a = affine[2].astype(np.float32)
-    k = np.arange(k0, k1, dtype=np.float32)[:, None, None]
-    r = np.arange(rows.start, rows.stop, dtype=np.float32)[None, :, None]
-    c = np.arange(cols.start, cols.stop, dtype=np.float32)[None, None, :]
-    return np.asarray(a[0] * k + a[1] * r + a[2] * c + a[3], dtype=np.float32)
-
-
 def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
             detector_name: str) -> LesionAnalysis:
     """Measure a lesion label volume against the lungs (see the module docstring)."""
@@ -314,7 +304,8 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
         sub = les[les_box]
         sub[~_drop_small(sub > 0, config.min_lesion_ml / vml)] = 0
     les = settle_kinds(les, config.min_lesion_ml / vml)
-    # per side and zone: lung, GGO and consolidation voxel counts (slab-wise LPS z)
+    # per side and zone: lung, GGO and consolidation voxel counts (slab-wise LPS z, float32)
+    grid = ct.grid
     box = bounding_box(lung_lab)
     z_ext = {s: (math.inf, -math.inf) for s in SIDES}
     counts = {(s, z, what): 0 for s in SIDES for z in ZONES for what in ("lung", 1, 2)}
@@ -323,7 +314,7 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
         step = max(1, 4_000_000 // ((box[1].stop - box[1].start) * (box[2].stop - box[2].start)))
         slabs = [(k, min(box[0].stop, k + step)) for k in range(box[0].start, box[0].stop, step)]
         for k0, k1 in slabs:
-            z = _slab_z(ct.affine, k0, k1, box[1], box[2])
+            z = grid.lps_coordinate(2, (slice(k0, k1), box[1], box[2]), np.float32)
             lab = lung_lab[k0:k1, box[1], box[2]]
             for s in SIDES:
                 zs = z[lab == LUNG_LABELS[s]]
@@ -331,7 +322,7 @@ def analyse(ct: Volume, lungs: LungMasks, labels: Volume, config: LesionsConfig,
                     lo, hi = z_ext[s]
                     z_ext[s] = (min(lo, float(zs.min())), max(hi, float(zs.max())))
         for k0, k1 in slabs:
-            z = _slab_z(ct.affine, k0, k1, box[1], box[2])
+            z = grid.lps_coordinate(2, (slice(k0, k1), box[1], box[2]), np.float32)
             lab = lung_lab[k0:k1, box[1], box[2]]
             ls = les[k0:k1, box[1], box[2]]
             for s in SIDES:
@@ -511,15 +502,14 @@ class PleuralDepth:
                 crop.append(slice(max(0, lesion_box[a].start - m),
                                   min(lung_lab.shape[a], lesion_box[a].stop + m)))
         step = [max(1, round(DEPTH_GRID_MM / v)) for v in sp]
-        lung = np.asarray(lung_lab[tuple(slice(c.start, c.stop, f)
-                                         for c, f in zip(crop, step, strict=True))] > 0)
+        coarse = tuple(slice(c.start, c.stop, f) for c, f in zip(crop, step, strict=True))
+        lung = np.asarray(lung_lab[coarse] > 0)
         fwd = np.logical_or.accumulate(lung, axis=x_axis)
         bwd = np.flip(np.logical_or.accumulate(np.flip(lung, axis=x_axis), axis=x_axis),
                       axis=x_axis)
         pad = [(1, 1) if a == x_axis else (0, 0) for a in range(3)]
         cavity = np.pad(fwd & bwd, pad, constant_values=False)  # outside beyond the lungs
-        coarse_sp = [v * f for v, f in zip(sp, step, strict=True)]
-        depth = ndi.distance_transform_edt(cavity, sampling=coarse_sp)
+        depth = ndi.distance_transform_edt(cavity, sampling=ct.grid.crop(coarse).spacing)
         inner = tuple(slice(1, -1) if a == x_axis else slice(None) for a in range(3))
         return cls(np.asarray(depth[inner], dtype=np.float32),
                    np.array([c.start for c in crop], dtype=np.intp),

@@ -42,7 +42,7 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 from skimage.morphology import convex_hull_image
 
-from .artefacts import LUNG_LABELS, LungMasks, Side, Volume, bounding_box
+from .artefacts import LUNG_LABELS, Grid, LungMasks, Side, Volume, bounding_box
 from .config import LungsConfig
 from .errors import ConfigError, NotAnalysable
 
@@ -75,7 +75,8 @@ def working_factors(spacing: tuple[float, float, float], target_mm: float) -> tu
 
 
 def block_mean(a: npt.NDArray[np.generic], f: tuple[int, int, int]) -> npt.NDArray[np.float32]:
-    """Mean over (f0, f1, f2) blocks; the array is edge-padded to a multiple of the blocks."""
+    """Mean over (f0, f1, f2) blocks; the array is edge-padded to a multiple of the blocks.
+    The result lies on ``grid.downsample(f)`` of ``a``'s grid (:meth:`Grid.downsample`)."""
     if f == (1, 1, 1):
         return np.asarray(a, dtype=np.float32)
     pad = [(0, (-n) % b) for n, b in zip(a.shape, f, strict=True)]
@@ -102,27 +103,7 @@ def block_upsample(a: npt.NDArray[np.generic], f: tuple[int, int, int],
     return out[: shape[0], : shape[1], : shape[2]]
 
 
-def working_affine(affine: npt.NDArray[np.float64],
-                   f: tuple[int, int, int]) -> npt.NDArray[np.float64]:
-    """Affine of the block-mean grid: block centres in LPS."""
-    out = affine.copy()
-    out[:3, :3] = affine[:3, :3] * np.asarray(f, dtype=np.float64)
-    out[:3, 3] = affine[:3, :3] @ ((np.asarray(f, dtype=np.float64) - 1.0) / 2.0) + affine[:3, 3]
-    return out
-
-
 # --------------------------------------------------------------------------- the method
-
-
-@dataclass(frozen=True)
-class _Grid:
-    affine: npt.NDArray[np.float64]
-    spacing: tuple[float, float, float]
-    voxel_ml: float
-
-    def lps(self, idx: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        i = np.atleast_2d(np.asarray(idx, dtype=np.float64))
-        return np.asarray(i @ self.affine[:3, :3].T + self.affine[:3, 3])
 
 
 class ClassicalLungSegmenter:
@@ -143,9 +124,7 @@ class ClassicalLungSegmenter:
         t0 = time.perf_counter()
         f = working_factors(ct.spacing, cfg.working_spacing_mm)
         hu = block_mean(ct.array, f)
-        aff = working_affine(ct.affine, f)
-        grid = _Grid(aff, tuple(float(s) for s in np.linalg.norm(aff[:3, :3], axis=0)),  # type: ignore[arg-type]
-                     float(abs(np.linalg.det(aff[:3, :3])) / 1000.0))
+        grid = ct.grid.downsample(f)  # the block means' grid: block centres in LPS
         labels = _segment(hu, grid, cfg)
         full = np.asarray(block_upsample(labels, f, ct.shape), dtype=np.uint8)
         total_ml = float(np.count_nonzero(full) * ct.voxel_volume_ml)
@@ -166,7 +145,7 @@ class ClassicalLungSegmenter:
         return masks
 
 
-def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.NDArray[np.uint8]:
+def _segment(hu: npt.NDArray[np.float32], grid: Grid, cfg: LungsConfig) -> npt.NDArray[np.uint8]:
     """The classical pipeline on the working grid; returns LUNG_LABELS."""
     air = hu < cfg.air_threshold_hu
     # 1. outside-body air: in-plane components touching the slice border
@@ -193,7 +172,7 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     order = np.argsort(sizes)[::-1]
-    min_vox = cfg.min_component_ml / grid.voxel_ml
+    min_vox = cfg.min_component_ml / grid.voxel_volume_ml
     lungs: list[BoolArray] = []
     largest = lab == order[0]
     if sizes[order[0]] >= min_vox and _straddles(largest, grid, body_x):
@@ -222,7 +201,7 @@ def _segment(hu: npt.NDArray[np.float32], grid: _Grid, cfg: LungsConfig) -> npt.
     return out
 
 
-def _centroid_x(mask: BoolArray, grid: _Grid) -> float:
+def _centroid_x(mask: BoolArray, grid: Grid) -> float:
     """LPS x of the centroid of ``mask`` (0 for an empty mask)."""
     n = np.count_nonzero(mask)
     if n == 0:
@@ -232,20 +211,20 @@ def _centroid_x(mask: BoolArray, grid: _Grid) -> float:
         other = tuple(a for a in range(3) if a != ax)
         prof = np.count_nonzero(mask, axis=other)
         com.append(float(prof @ np.arange(prof.size)) / n)
-    return float(grid.lps(com)[0, 0])
+    return float(grid.index_to_lps(com)[0, 0])
 
 
-def _straddles(mask: BoolArray, grid: _Grid, mid_x: float) -> bool:
+def _straddles(mask: BoolArray, grid: Grid, mid_x: float) -> bool:
     """True when a component has a substantial volume on both sides of the body midline."""
     idx = np.nonzero(mask)
     step = max(1, idx[0].size // 200_000)
     pts = np.stack([i[::step] for i in idx], axis=1)
-    x = grid.lps(pts)[:, 0]
+    x = grid.index_to_lps(pts)[:, 0]
     frac = float(np.mean(x > mid_x))
     return min(frac, 1.0 - frac) > 0.2
 
 
-def _split(mask: BoolArray, grid: _Grid) -> list[BoolArray]:
+def _split(mask: BoolArray, grid: Grid) -> list[BoolArray]:
     """Split joined lungs: erode (distance map) until two large cores appear, grow them back."""
     sl = bounding_box(mask)
     assert sl is not None  # the largest air component
@@ -276,7 +255,7 @@ def _split(mask: BoolArray, grid: _Grid) -> list[BoolArray]:
     return [mask]
 
 
-def _airway(hu: npt.NDArray[np.float32], cand: BoolArray, grid: _Grid, cfg: LungsConfig,
+def _airway(hu: npt.NDArray[np.float32], cand: BoolArray, grid: Grid, cfg: LungsConfig,
             body_x: float) -> BoolArray | None:
     """Trachea and main bronchi: seed in a superior slice, grow below the highest safe threshold."""
     aff = grid.affine
@@ -300,7 +279,7 @@ def _airway(hu: npt.NDArray[np.float32], cand: BoolArray, grid: _Grid, cfg: Lung
                 continue
             rr, cc = np.nonzero(comp)
             r0, c0 = rr.mean() + sl[0].start, cc.mean() + sl[1].start
-            x = float(grid.lps([k, r0, c0])[0, 0])
+            x = float(grid.index_to_lps([k, r0, c0])[0, 0])
             if abs(x - body_x) > cfg.trachea_max_offset_mm:
                 continue
             if best is None or abs(x - body_x) < best[0]:
@@ -319,7 +298,7 @@ def _airway(hu: npt.NDArray[np.float32], cand: BoolArray, grid: _Grid, cfg: Lung
         if v == 0:
             break
         grown = lab == v
-        ml = grown.sum() * grid.voxel_ml
+        ml = grown.sum() * grid.voxel_volume_ml
         if ml <= cfg.airway_max_ml:
             log.debug("lungs: airway %.0f ml grown below %.0f HU", ml, thr)
             return grown
@@ -341,7 +320,7 @@ def _piece_hulls(s: BoolArray) -> BoolArray:
     return hull
 
 
-def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
+def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: Grid,
             cfg: LungsConfig, side: Side) -> BoolArray:
     """Fill holes per slice and recover dense pathology against the costal pleura.
 
@@ -361,16 +340,7 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
     filled = ndi.binary_fill_holes(mask[sl], structure=_INPLANE)
     h = hu[sl]
     out = filled.copy()
-    a = grid.affine
     lateral = 1.0 if side == Side.LEFT else -1.0  # LPS +x is lateral for the left lung
-    r_off, c_off = float(sl[1].start), float(sl[2].start)
-
-    def lps_xy(k: int, rr: npt.NDArray[np.intp], cc: npt.NDArray[np.intp]
-               ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """LPS x and y of the crop's pixels (rr, cc) in slice k."""
-        r, c = rr + r_off, cc + c_off
-        return (a[0, 0] * k + a[0, 1] * r + a[0, 2] * c + a[0, 3],
-                a[1, 0] * k + a[1, 1] * r + a[1, 2] * c + a[1, 3])
 
     for i in range(filled.shape[0]):
         s = filled[i]
@@ -383,7 +353,9 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
         if not add.any():
             continue
         k = i + sl[0].start
-        xs, ys = lps_xy(k, rr_s, cc_s)
+        plane = (slice(k, k + 1), sl[1], sl[2])  # LPS x and y of the crop's pixels, slice k
+        x_k, y_k = grid.lps_coordinate(0, plane)[0], grid.lps_coordinate(1, plane)[0]
+        xs, ys = x_k[rr_s, cc_s], y_k[rr_s, cc_s]
         gr, gc = round(float(rr_s.mean())), round(float(cc_s.mean()))
         gx = float(xs.mean())
         width = max(float(xs.max() - xs.min()), 1.0)
@@ -396,7 +368,7 @@ def _repair(mask: BoolArray, hu: npt.NDArray[np.float32], grid: _Grid,
         deepest = np.zeros(n + 1)
         np.maximum.at(deepest, which, depth[ra, ca])
         mean_hu = np.bincount(which, weights=h[i][ra, ca], minlength=n + 1)[1:] / count
-        xa, ya = lps_xy(k, ra, ca)
+        xa, ya = x_k[ra, ca], y_k[ra, ca]
         cx = np.bincount(which, weights=xa, minlength=n + 1)[1:] / count
         cy = np.bincount(which, weights=ya, minlength=n + 1)[1:] / count
         medial = (cx - gx) * lateral < -cfg.mediastinal_margin * width
@@ -454,7 +426,7 @@ def _inplane_basis(affine: npt.NDArray[np.float64]
     return ex, ey
 
 
-def _symmetry_plane(hu: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], grid: _Grid,
+def _symmetry_plane(hu: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], grid: Grid,
                     cfg: LungsConfig, bin_mm: float = 2.0) -> _Mirror | None:
     """The mid-sagittal plane about which the thoracic bones (ribs, spine, sternum,
     shoulder girdles) are most symmetric.
@@ -526,7 +498,7 @@ def _deficient_slices(a_own: npt.NDArray[np.intp], a_twin: npt.NDArray[np.intp],
     return np.asarray(keep[runs])
 
 
-def _mirror_recovery(out: npt.NDArray[np.uint8], hu: npt.NDArray[np.float32], grid: _Grid,
+def _mirror_recovery(out: npt.NDArray[np.uint8], hu: npt.NDArray[np.float32], grid: Grid,
                      cfg: LungsConfig, airway: BoolArray | None) -> None:
     """Recover a large dense region (lobar consolidation, collapse) of one lung, in place.
 
@@ -562,7 +534,7 @@ def _mirror_recovery(out: npt.NDArray[np.uint8], hu: npt.NDArray[np.float32], gr
 
 
 def _recover_run(out: npt.NDArray[np.uint8], own: BoolArray, hu: npt.NDArray[np.float32],
-                 grid: _Grid, cfg: LungsConfig, airway: BoolArray | None, mirror: _Mirror,
+                 grid: Grid, cfg: LungsConfig, airway: BoolArray | None, mirror: _Mirror,
                  side: Side, other: Side, k0: int, k1: int) -> None:
     """:func:`_mirror_recovery` on one run of deficient slices ``k0:k1`` of ``side``."""
     nk = hu.shape[0]
@@ -599,7 +571,7 @@ def _recover_run(out: npt.NDArray[np.uint8], own: BoolArray, hu: npt.NDArray[np.
     touching = np.zeros(n + 1, dtype=bool)
     touching[lab[ndi.binary_dilation(own_b) & (lab > 0)]] = True
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = touching & (sizes * grid.voxel_ml >= cfg.mirror_min_ml)
+    keep = touching & (sizes * grid.voxel_volume_ml >= cfg.mirror_min_ml)
     keep[0] = False
     if not keep.any():
         return
@@ -611,7 +583,8 @@ def _recover_run(out: npt.NDArray[np.uint8], own: BoolArray, hu: npt.NDArray[np.
     view = out[box]
     view[add] = LUNG_LABELS[side]
     log.info("lungs: %s lung: %.0f ml of dense lung recovered from the mirrored %s lung "
-             "(slices %d-%d)", side, np.count_nonzero(add) * grid.voxel_ml, other, k0, k1 - 1)
+             "(slices %d-%d)", side, np.count_nonzero(add) * grid.voxel_volume_ml, other, k0,
+             k1 - 1)
 
 
 # --------------------------------------------------------------------------- QA
@@ -746,9 +719,7 @@ class LearnedLungSegmenter:
         prob, how = self.probabilities(ct)
         size = prob.shape[1]
         m = low_grid_to_index(ct.shape[1:], how, size)
-        aff = ct.affine @ m
-        grid = _Grid(aff, tuple(float(v) for v in np.linalg.norm(aff[:3, :3], axis=0)),  # type: ignore[arg-type]
-                     float(abs(np.linalg.det(aff[:3, :3])) / 1000.0))
+        grid = ct.grid.resampled(m, (prob.shape[0], prob.shape[1], prob.shape[2]))
         mask = prob >= 0.5
         hu = _hu_at(mask, ct, m)
         if cfg.dense_min_probability > 0.5:  # solid tissue needs a confident model
@@ -815,7 +786,7 @@ class LearnedLungSegmenter:
         return ()
 
 
-def _sides(mask: BoolArray, hu: npt.NDArray[np.float32], ct: Volume, grid: _Grid,
+def _sides(mask: BoolArray, hu: npt.NDArray[np.float32], ct: Volume, grid: Grid,
            cfg: LungsConfig) -> npt.NDArray[np.uint8]:
     """Lung pieces of a mask on ``grid`` -> LUNG_LABELS by patient geometry (see
     :class:`LearnedLungSegmenter`).  A piece is kept when it holds ``min_component_ml`` and
@@ -831,17 +802,18 @@ def _sides(mask: BoolArray, hu: npt.NDArray[np.float32], ct: Volume, grid: _Grid
         return out
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    big = [i for i in np.argsort(sizes)[::-1] if sizes[i] * grid.voxel_ml >= cfg.min_component_ml]
+    vml = grid.voxel_volume_ml
+    big = [i for i in np.argsort(sizes)[::-1] if sizes[i] * vml >= cfg.min_component_ml]
     keep = []
     for i in big:
         aerated = float(np.mean(hu[lab == i] < cfg.air_threshold_hu))
         need = (cfg.small_piece_min_aerated_fraction
-                if sizes[i] * grid.voxel_ml < cfg.small_piece_ml else cfg.min_aerated_fraction)
+                if sizes[i] * vml < cfg.small_piece_ml else cfg.min_aerated_fraction)
         if aerated >= need:
             keep.append(i)
         else:
             log.info("lungs: a %.0f ml piece of the model's mask dropped: %.1f%% aerated",
-                     sizes[i] * grid.voxel_ml, 100 * aerated)
+                     sizes[i] * vml, 100 * aerated)
     if not keep:
         return out
     mid_x = _body_midline_x(ct)
