@@ -35,7 +35,14 @@ from pipeline.config import Config, WebConfig, WorklistConfig
 from pipeline.phantom.model import make_grid
 from pipeline.run import StudyAnalysis
 from pipeline.web import viewer
-from pipeline.web.viewer import StudyView, prune_views, save_view, study_key, view_root
+from pipeline.web.viewer import (
+    StudyView,
+    prune_views,
+    remove_view,
+    save_view,
+    study_key,
+    view_root,
+)
 
 SHAPE = (36, 80, 96)  # (slices, rows, columns)
 SPACING = (2.5, 1.6, 1.4)
@@ -212,6 +219,9 @@ def test_open_of_a_missing_study_is_none(tmp_path: Path) -> None:
     ct, lungs, lesions = _image(GRIDS["axial"])
     save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=32)
     assert StudyView.open(tmp_path, UID + ".2") is None
+    assert not remove_view(tmp_path, UID + ".2")
+    assert remove_view(tmp_path, UID) and StudyView.open(tmp_path, UID) is None
+    save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=32)
     (tmp_path / study_key(UID) / "view.zip").write_bytes(b"not a zip")
     assert StudyView.open(tmp_path, UID) is None
 

@@ -386,6 +386,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def remove_view(root: Path, study_uid: str) -> bool:
+    """Delete the study's view (a re-screen that did not analyse it must not leave the old
+    one on its page); returns whether there was one."""
+    folder = Path(root) / study_key(study_uid)
+    if not folder.is_dir():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 def prune_views(root: Path, keep_days: float, *, now: float | None = None) -> int:
     """Delete the views written more than ``keep_days`` days ago (by ``view.zip``'s time),
     and temporary folders of writers gone for an hour; returns how many views went."""
@@ -547,5 +557,5 @@ def view_png_size(data: bytes) -> tuple[int, int]:
     return int(img.shape[1]), int(img.shape[0])
 
 
-__all__ = ["OVERLAYS", "StudyView", "display_volume", "prune_views", "save_view", "study_key",
-           "view_root"]
+__all__ = ["OVERLAYS", "StudyView", "display_volume", "prune_views", "remove_view", "save_view",
+           "study_key", "view_root"]
