@@ -14,6 +14,9 @@ ctscreen evaluate MODEL|density|default DATA [--lungs MODEL|classical] [--config
                   [--held-out-of MODEL] [--out DIR]
 ctscreen evaluate --task lungs MODEL|classical|default DATA [--config FILE] [--out DIR]
 ctscreen export [--run DIR] --out models/NAME [--report KEY=REPORT_JSON]
+ctscreen serve [--archive NAME|DIR | --worklist FILE] [--config FILE] [--host ADDR] [--port N]
+ctscreen user [--archive NAME|DIR | --worklist FILE] add NAME --role ROLE | passwd NAME |
+              disable NAME | enable NAME | list
 
 ``--config`` defaults to the environment variable CTSCREEN_CONFIG.
 
@@ -53,7 +56,7 @@ log = logging.getLogger("pipeline.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    quiet = args.command in ("worklist", "outbox", "echo")
+    quiet = args.command in ("worklist", "outbox", "echo", "user")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -150,7 +153,103 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--phantom-only", action="store_true", help="do not add the real series")
     d.set_defaults(func=_cmd_demo)
     _add_model_commands(sub)
+    _add_web_commands(sub, config_help, archive_help)
     return p
+
+
+def _add_web_commands(sub: Any, config_help: str, archive_help: str) -> None:
+    """``ctscreen serve`` and ``ctscreen user ...`` (the web extra; docs/web.md)."""
+    s = sub.add_parser("serve", help="serve the worklist to browsers (loopback by default)")
+    s.add_argument("--archive", help="the archive whose worklist to serve")
+    s.add_argument("--worklist", help="worklist database file")
+    s.add_argument("--config", help=config_help + "; its web: section sets the server")
+    s.add_argument("--host", help="address to listen on (default: web.bind_address)")
+    s.add_argument("--port", type=int, help="port (default: web.port)")
+    s.set_defaults(func=_cmd_serve)
+
+    u = sub.add_parser("user", help="the web's users: add, list, disable, enable, passwd")
+    u.add_argument("--archive", help="the archive whose worklist the web serves")
+    u.add_argument("--worklist", help="worklist database file (the web's users live beside it)")
+    u.add_argument("--config", help=config_help + " (web.db, worklist.path)")
+    uu = u.add_subparsers(dest="user_command", required=True)
+    ua = uu.add_parser("add", help="add a user (asks for the password)")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=("radiologist", "admin", "researcher"),
+                    help="radiologist: reads and reviews; admin: also the audit log; "
+                    "researcher: never sees names or IDs, cannot review")
+    up = uu.add_parser("passwd", help="set a user's password (their sessions end)")
+    up.add_argument("name")
+    for cmd in (ua, up):
+        cmd.add_argument("--password-stdin", action="store_true",
+                         help="read the password from the first line of stdin (scripts)")
+    for name, text in (("disable", "disable a user (their sessions end)"),
+                       ("enable", "enable a disabled user again")):
+        uu.add_parser(name, help=text).add_argument("name")
+    uu.add_parser("list", help="list the users")
+    u.set_defaults(func=_cmd_user)
+
+
+def _web_paths(args: argparse.Namespace) -> tuple[Config, Path]:
+    config = _config(args)
+    return config, worklist_path(args.archive, args.worklist, config)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .web.app import create_app
+    except ImportError as e:
+        raise CtscreenError(f"ctscreen serve needs the web extra (pip install "
+                            f"'ctscreen[web]'): {e}") from e
+    config, wl = _web_paths(args)
+    app = create_app(config, wl)
+    host = args.host or config.web.bind_address
+    port = args.port or config.web.port
+    log.info("serving worklist %s on http://%s:%d", wl, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False,
+                proxy_headers=False)
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise CtscreenError("the two passwords differ")
+    return first
+
+
+def _cmd_user(args: argparse.Namespace) -> int:
+    try:
+        from .web import auth, db
+    except ImportError as e:
+        raise CtscreenError(f"ctscreen user needs the web extra: {e}") from e
+    config, wl = _web_paths(args)
+    path = db.web_db_path(config, wl)
+    db.create(path)
+    with db.connect(path) as conn:
+        cmd = args.user_command
+        if cmd == "add":
+            auth.add_user(conn, args.name, args.role, _read_password(args), time.time())
+            print(f"added {args.name} ({args.role}) to {path}")
+        elif cmd == "passwd":
+            auth.set_password(conn, args.name, _read_password(args), time.time())
+            print(f"password of {args.name} changed; their sessions ended")
+        elif cmd in ("disable", "enable"):
+            auth.set_disabled(conn, args.name, cmd == "disable")
+            print(f"{args.name} {cmd}d")
+        else:
+            users = auth.list_users(conn)
+            for u in users:
+                state = " (disabled)" if u["disabled"] else ""
+                print(f"{u['username']:<24} {u['role']:<12} since {u['created_at']}{state}")
+            if not users:
+                print(f"(no users in {path}; add one with: ctscreen user add NAME --role ROLE)")
+    return 0
 
 
 def _date(text: str) -> date:

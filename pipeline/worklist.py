@@ -190,6 +190,18 @@ class Worklist:
         self._db = open_sqlite(self.path, SCHEMA, check_same_thread=check_same_thread)
         _migrate(self._db)
 
+    @classmethod
+    def reader(cls, path: str | Path) -> Worklist:
+        """A read-only connection to an existing worklist (no schema, no migration: open it
+        once with ``Worklist(path)`` first), usable from any one thread at a time: the web
+        pages open one per request while the batch writes."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA query_only=ON")
+        return self
+
     def close(self) -> None:
         self._db.close()
 
