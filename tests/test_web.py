@@ -164,11 +164,12 @@ def _csrf(html: str) -> str:
     return m.group(1)
 
 
-def make_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, web: WebConfig | None = None
-              ) -> Site:
+def make_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, web: WebConfig | None = None,
+              fake_view: bool = True) -> Site:
     import pipeline.web.viewer as viewer
 
-    monkeypatch.setattr(viewer, "StudyView", FakeView)
+    if fake_view:
+        monkeypatch.setattr(viewer, "StudyView", FakeView)
     wl = tmp_path / "site.sqlite"
     with Worklist(wl) as w:
         w.record(_result(TYPICAL_UID, Pattern.TYPICAL, 0.91, accession_number=ACC,
@@ -743,3 +744,63 @@ def test_worklist_rows_come_from_real_results(site: Site) -> None:
         row = w.get(TYPICAL_UID)
     assert row is not None and row.patient_name == NAME and row.flag == "TYPICAL"
     assert replace(row, patient_name="").patient_name == ""
+
+
+def test_the_real_view_store_serves_the_study_page(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """W2's view store (pipeline/web/viewer.py) behind the routes: a small synthetic study
+    saved with save_view, served as the study page and its slices with and without overlays."""
+    import numpy as np
+
+    from pipeline.artefacts import (
+        LESION_LABELS,
+        LUNG_LABELS,
+        Finding,
+        LesionAnalysis,
+        LesionKind,
+        LungMasks,
+        Side,
+        Volume,
+        Zone,
+    )
+    from pipeline.run import StudyAnalysis
+    from pipeline.web.viewer import StudyView, save_view
+
+    s = make_site(tmp_path, monkeypatch, fake_view=False)
+    uid = "1.2.826.0.1.3680043.1.77"
+    # (k, r, c) -> LPS: slices along z, rows along y, columns along x
+    affine = np.array([[0, 0, 0.8, -40], [0, 0.8, 0, -40], [2.0, 0, 0, -30], [0, 0, 0, 1.0]])
+    hu = np.full((30, 100, 100), -850, np.int16)
+    lungs = np.zeros(hu.shape, np.uint8)
+    lungs[:, 20:80, 10:48] = LUNG_LABELS[Side.RIGHT]
+    lungs[:, 20:80, 52:90] = LUNG_LABELS[Side.LEFT]
+    lesions = np.zeros(hu.shape, np.uint8)
+    lesions[12:18, 40:50, 20:30] = LESION_LABELS[LesionKind.GGO]
+    hu[lesions > 0] = -550
+    ct = Volume(hu, affine, "1.2.3.9")
+    idx = np.argwhere(lesions > 0)
+    finding = Finding(
+        index=1, kind=LesionKind.GGO, volume_ml=float(len(idx) * ct.voxel_volume_ml),
+        side=Side.RIGHT, zone=Zone.MIDDLE, mean_hu=-550.0, centroid_lps=(0.0, 0.0, 0.0),
+        bbox_min_lps=(0.0, 0.0, 0.0), bbox_max_lps=(0.0, 0.0, 0.0), voxel_count=len(idx),
+        voxel_box=(12, 40, 20, 18, 50, 30), seed_index=(12, 40, 20))
+    la = LesionAnalysis(
+        labels=ct.with_array(lesions), findings=(finding,), lungs=(), zones=(),
+        involved_pct=1.5, severity_score=2, severity_max=25, severity_scale="test",
+        suspicion=0.8, pattern=Pattern.TYPICAL, detector="test", n_findings_total=1)
+    result = _result(uid, Pattern.TYPICAL, 0.8, patient_name=NAME)
+    result = replace(result, n_findings=1)
+    save_view(s.app.state.views, StudyAnalysis(result, [], ct, [], LungMasks(
+        ct.with_array(lungs), "test-lungs"), la), [], max_px=64)
+    with Worklist(s.worklist) as w:
+        w.record(result, "f")
+    with StudyView.open(s.app.state.views, uid) as view:  # type: ignore[union-attr]
+        n, k, view_kind = view.n_slices, view.findings[0]["slice"], view.findings[0]["kind"]
+    c, _ = s.login("radiologist")
+    page = c.get(f"/study/{uid}").text
+    assert f'data-n="{n}"' in page and f'data-start="{k}"' in page and view_kind in page
+    plain = c.get(f"/study/{uid}/slice/{k}.png").content
+    both = c.get(f"/study/{uid}/slice/{k}.png", params={"overlays": "lungs,lesions"}).content
+    assert plain.startswith(b"\x89PNG") and both.startswith(b"\x89PNG") and plain != both
+    assert c.get(f"/study/{uid}/slice/{n}.png").status_code == 404
+    assert c.get(f"/study/{uid}/key/0.png").status_code == 404  # none were stored
