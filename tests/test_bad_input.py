@@ -7,6 +7,10 @@ status 0), that the study gets one worklist row with the specific coded reason (
 harmless damage, is analysed), that nothing was written outside ``ROOT/ctscreen/`` and the
 worklist beside the root, and that no patient identifier reached the logs.  A SIGALRM
 guard fails a test that runs past ``TIME_LIMIT_S`` instead of letting it hang.
+
+Most run the command with ``--workers 0`` (the same stages, screened in this process: no
+worker process to start, the models loaded once for all tests); a few (``screened_in_worker``)
+run it as configured, with a worker process, whose output is checked for identifiers too.
 """
 
 from __future__ import annotations
@@ -80,8 +84,33 @@ def _phantom() -> Volume:
     return ct
 
 
+_WRITTEN: dict[str, tuple[Path, list[str]]] = {}  # overrides -> (template folder, file names)
+_TEMPLATES: list[Path] = []  # where the templates are written (this session's)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _written_studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each variant of the study is encoded once per session and copied for each test."""
+    _TEMPLATES.append(tmp_path_factory.mktemp("bad-input-studies"))
+    yield
+    _TEMPLATES.clear()
+    _WRITTEN.clear()
+
+
 def write_study(folder: Path, **overrides: Any) -> list[Path]:
-    """The phantom as one CT series (one file per slice, in slice order)."""
+    """The phantom as one CT series (one file per slice, in slice order): a fresh copy of
+    the files written once per session for these ``overrides``."""
+    key = repr(sorted(overrides.items()))
+    if key not in _WRITTEN:
+        template = _TEMPLATES[0] / f"study{len(_WRITTEN)}"
+        paths = _write_study(template, **overrides)
+        _WRITTEN[key] = (template, [str(p.relative_to(template)) for p in paths])
+    template, names = _WRITTEN[key]
+    shutil.copytree(template, folder, dirs_exist_ok=True)
+    return [folder / name for name in names]
+
+
+def _write_study(folder: Path, **overrides: Any) -> list[Path]:
     args: dict[str, Any] = {
         "study_uid": STUDY_UID,
         "series_uid": SERIES_UID,
@@ -199,17 +228,19 @@ def _files(tmp_path: Path) -> dict[str, tuple[int, int]]:
 
 
 def screen(
-    root: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    root: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    in_worker: bool = False,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Run the whole command on ``root``; check the exit status, that nothing changed
-    outside ROOT/ctscreen/ but the worklist beside the root, and that no patient
-    identifier was logged (``capfd``: worker processes' output too); return the worklist
-    rows and what the run logged (this process and its workers)."""
+    """Run the whole command on ``root`` (``in_worker``: with the configured worker process,
+    else ``--workers 0``); check the exit status, that nothing changed outside
+    ROOT/ctscreen/ but the worklist beside the root, and that no patient identifier was
+    logged (``capfd``: worker processes' output too); return the worklist rows and what
+    the run logged (this process and its workers)."""
     top = root.parents[2]  # tmp_path
     before = _files(top)
     caplog.set_level(logging.INFO)
     capfd.readouterr()
-    rc = main(["run", "--archive", str(root), "--json"])
+    rc = main(["run", "--archive", str(root), "--json", *([] if in_worker else ["--workers", "0"])])
     run = capfd.readouterr()
     assert rc == 0, run.err[-3000:]
     json.loads(run.out)  # a summary, not a traceback
@@ -237,18 +268,27 @@ class Screen:
     last run logged, in this process and in its worker processes."""
 
     def __init__(self, capfd: pytest.CaptureFixture[str],
-                 caplog: pytest.LogCaptureFixture) -> None:
+                 caplog: pytest.LogCaptureFixture, in_worker: bool = False) -> None:
         self.capfd, self.caplog, self.log = capfd, caplog, ""
+        self.in_worker = in_worker
 
     def __call__(self, root: Path) -> list[dict[str, Any]]:
-        rows, self.log = screen(root, self.capfd, self.caplog)
+        rows, self.log = screen(root, self.capfd, self.caplog, self.in_worker)
         return rows
 
 
 @pytest.fixture
 def screened(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Screen:
-    """:func:`screen` bound to this test's captured output and log."""
+    """:func:`screen` bound to this test's captured output and log, in this process."""
     return Screen(capfd, caplog)
+
+
+@pytest.fixture
+def screened_in_worker(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> Screen:
+    """:func:`screen` bound to this test's captured output and log, with a worker process."""
+    return Screen(capfd, caplog, in_worker=True)
 
 
 def refused(rows: list[dict[str, Any]], code: str) -> dict[str, Any]:
@@ -315,8 +355,10 @@ def truncated_before_study_uid(tmp_path: Path) -> Path:
     return cut_middle_slice(tmp_path, SERIES_DESCRIPTION, 5)
 
 
-def test_truncated_in_pixel_data(truncated_in_pixel_data: Path, screened: Screen) -> None:
-    refused(screened(truncated_in_pixel_data), "truncated-file")
+def test_truncated_in_pixel_data(
+    truncated_in_pixel_data: Path, screened_in_worker: Screen
+) -> None:
+    refused(screened_in_worker(truncated_in_pixel_data), "truncated-file")
 
 
 def test_truncated_in_header(truncated_in_header: Path, screened: Screen) -> None:
@@ -501,12 +543,13 @@ def test_deeply_nested_sequences(
 
 def test_deeply_nested_standard_sequence(
     deeply_nested_standard_sequence: Path,
-    screened: Screen,
+    screened_in_worker: Screen,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """In a worker process: its log (where the element is dropped) is read from its output."""
     root = deeply_nested_standard_sequence
-    analysed(screened(root), root)
-    assert "nested deeper than" in screened.log
+    analysed(screened_in_worker(root), root)
+    assert "nested deeper than" in screened_in_worker.log
 
 
 # ---------------------------------------------------------------- 6. invalid UIDs
@@ -592,14 +635,15 @@ def test_path_separator_id(
     path_separator_id: tuple[Path,
     str,
     str],
-    screened: Screen,
+    screened_in_worker: Screen,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Identifiers are not UIDs and name no file: analysed, results under ROOT/ctscreen."""
+    """Identifiers are not UIDs and name no file: analysed, results under ROOT/ctscreen
+    (with a worker process: the patient ID is not in its log either)."""
     root, keyword, value = path_separator_id
-    row = analysed(screened(root), root)
+    row = analysed(screened_in_worker(root), root)
     if keyword == "PatientID":
-        assert value not in screened.log  # never logged
+        assert value not in screened_in_worker.log  # never logged
     else:
         assert row["accession_number"] == value
 
