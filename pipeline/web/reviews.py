@@ -200,14 +200,14 @@ def week_start(week: str) -> date:
 
 def weekly(
     reviews: Iterable[sqlite3.Row],
-    calls: Iterable[tuple[str, str, str, int, int]],
+    calls: Iterable[tuple[str, str, str, int]],
     cfg: WebConfig,
     since_week: str = "",
 ) -> tuple[list[Week], Week]:
     """The figures per week (oldest first) from ``since_week`` on, and over all reviews.
 
-    ``reviews``: rows of the reviews table; ``calls``: (study date, status, pattern, studies,
-    of them with warnings) from :meth:`pipeline.worklist.Worklist.calls_by_date`."""
+    ``reviews``: rows of the reviews table; ``calls``: (study date, status, pattern, studies)
+    from :meth:`pipeline.worklist.Worklist.calls_by_date`."""
     positive = set(cfg.positive_categories)
     latest: dict[str, sqlite3.Row] = {}
     for r in reviews:
@@ -230,7 +230,7 @@ def weekly(
         if key and key >= since_week:
             w = week_of(key)
             setattr(w, attr, getattr(w, attr) + 1)
-    for study_date, status, pattern, n, _with_warnings in calls:
+    for study_date, status, pattern, n in calls:
         key = iso_week(study_date)
         if not key or key < since_week:
             continue
