@@ -414,7 +414,9 @@ def create_app(
             if view is not None:
                 view.close()
         with db.connect(web_db) as conn:
-            history = reviews.for_study(conn, study_uid)
+            history = [dict(h) for h in reviews.for_study(conn, study_uid)]
+        if not user.sees_identity:  # a reader may have typed a name into a comment
+            history = [{**h, "comment": ""} for h in history]
         note(request, "view-study", study_uid)
         call = reviews.category(row.pattern) if row.status == "analysed" else ""
         start = max((f.get("slice", 0) for f in findings[:1]), default=n_slices // 2)
