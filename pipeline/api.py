@@ -17,6 +17,7 @@ loaded across calls).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -176,6 +177,8 @@ def run_batch(
     stages = _stages(cfg)
     wl_path = worklist_path(archive, None if worklist is None else str(worklist), cfg)
     state_target = cfg.batch.state_url or str(wl_path)
+    cfg, views = batch_views(cfg, wl_path)
+    stages = dataclasses.replace(stages, views=views)
     with (
         Worklist(wl_path) as wl,
         Outbox(outbox_path(wl_path, cfg), cfg.outbox) as ob,
@@ -193,6 +196,32 @@ def run_batch(
                          outbox=ob, states=states, pool=pool, progress=progress)
         finally:
             pool.close()
+
+
+def batch_views(config: Config, worklist: Path) -> tuple[Config, Path | None]:
+    """The web's view store of a batch (``web.view_store``, else beside ``worklist``),
+    created and pruned of views older than ``web.view_keep_days``; and the configuration
+    naming it as an absolute path, for worker processes.  None where ``web.store_views`` is
+    false."""
+    if not config.web.store_views:
+        return config, None
+    from .web.viewer import prune_views, view_root
+
+    root = view_root(config, worklist).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if config.web.view_keep_days > 0:
+        n = prune_views(root, config.web.view_keep_days)
+        if n:
+            log.info("views: %d older than %g days removed", n, config.web.view_keep_days)
+    web = dataclasses.replace(config.web, view_store=str(root))
+    return dataclasses.replace(config, web=web), root
+
+
+def configured_views(config: Config) -> Path | None:
+    """The view store a worker process writes: what ``batch_views`` put in its config."""
+    if config.web.store_views and config.web.view_store:
+        return Path(config.web.view_store)
+    return None
 
 
 def worklist_path(archive: str | None, explicit: str | None, config: Config) -> Path:

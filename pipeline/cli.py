@@ -577,8 +577,11 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         Path(config.worklist.path) if config.worklist.path
         else spool.parent / f"{spool.name}.ctscreen.sqlite"
     )
+    from .api import batch_views
+
+    config, views = batch_views(config, wl_path)
     listener = Listener(
-        lc, Stages.load(config), wl_path, results, outbox_path(wl_path, config)
+        lc, Stages.load(config, views), wl_path, results, outbox_path(wl_path, config)
     )
 
     def stop(signum: int, _frame: object) -> None:

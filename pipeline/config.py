@@ -299,6 +299,10 @@ class WebConfig:
     # time; empty: "<worklist db stem>.views" beside the worklist
     view_store: str = ""
     view_max_px: int = 256  # stored slices are downsampled to at most this many pixels a side
+    store_views: bool = True  # false: the batch stores no views (study pages show no images)
+    # views older than this are removed when a batch starts (about 11 MB a study at 256 px);
+    # 0 keeps them all
+    view_keep_days: float = 30.0
     # users, sessions, reviews and the audit log (SQLite); empty: "<worklist db stem>.web.sqlite"
     # beside the worklist
     db: str = ""

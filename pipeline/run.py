@@ -55,6 +55,8 @@ class Stages:
     config: Config
     lungs: LungSegmenter
     lesions: LesionDetector
+    # the web's per-study view store (pipeline/web/viewer.py) the batch writes; None: none
+    views: Path | None = None
 
     @property
     def algorithm_version(self) -> str:
@@ -79,8 +81,8 @@ class Stages:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def load(cls, config: Config) -> Stages:
-        return cls(config, segmenter_for(config.lungs), detector_for(config.lesions))
+    def load(cls, config: Config, views: Path | None = None) -> Stages:
+        return cls(config, segmenter_for(config.lungs), detector_for(config.lesions), views)
 
 
 # The modules whose code decides what a result says: a change to any of them changes
@@ -158,7 +160,27 @@ def screen_study(
     ``(kind, dataset)`` pairs to store, none where the study was not analysed.
     ``progress`` hears of the ``retrieved`` and ``analysed`` transitions."""
     done = analyse_study(study, archive, stages, progress)
+    if stages.views is not None:
+        store_view(stages.views, done, stages.config)
     return done.result, done.objects
+
+
+def store_view(root: Path, done: StudyAnalysis, config: Config) -> None:
+    """Keep the web's view of an analysed study (slices, masks, key images), or remove an
+    old one where the study is not analysed now.  Stored before the worklist records the
+    study, so a row never shows without its view.  A failure to store costs the web page
+    its images, never the study its result: it is logged and the night goes on."""
+    from .web.viewer import remove_view, save_view
+
+    uid = done.result.study_uid
+    try:
+        if done.ct is None:
+            remove_view(root, uid)
+        else:
+            save_view(root, done, done.objects, config.web.view_max_px,
+                      window=(config.report.window_center, config.report.window_width))
+    except (OSError, ValueError) as e:
+        log.warning("study %s: its web view was not stored (%s: %s)", uid, type(e).__name__, e)
 
 
 @dataclass(frozen=True, eq=False)

@@ -176,10 +176,11 @@ def _worker_main(
         format=f"%(asctime)s %(levelname)-7s %(name)s[w{os.getpid()}]: %(message)s",
     )
     logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
+    from .api import configured_views
     from .archive import open_named
     from .run import Stages
 
-    stages = Stages.load(config)
+    stages = Stages.load(config, configured_views(config))
     archive = open_named(archive_name, config)
     states = StateStore(state_target) if state_target else None
     _limit_data(config.batch.max_study_memory_mb)
@@ -392,13 +393,15 @@ def _dask_screen(
     study: StudyRef, owner: str, config: Config, archive_name: str, state_target: str
 ) -> Outcome:
     """The task run on a Dask worker: the stages are loaded once per worker process."""
+    from .api import configured_views
     from .archive import open_named
     from .run import Stages
 
-    key = (config.analysis_key() + repr(config.archives), archive_name, state_target)
+    key = (config.analysis_key() + repr(config.archives) + config.web.view_store, archive_name,
+           state_target)
     if key not in _DASK_CACHE:
         _DASK_CACHE[key] = (
-            Stages.load(config),
+            Stages.load(config, configured_views(config)),
             open_named(archive_name, config),
             StateStore(state_target) if state_target else None,
         )
