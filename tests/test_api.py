@@ -14,6 +14,8 @@ from pipeline.artefacts import LUNG_LABELS, Side, Status, Volume
 from pipeline.demo import write_phantom_study
 from pipeline.errors import CtscreenError
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -38,6 +38,8 @@ from pipeline.cli import main
 from pipeline.phantom.dicom import derive_uid, write_ct_series
 from pipeline.phantom.model import PhantomSpec, make_grid, render
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 # 110 slices of 1.5 mm (165 mm) of 128 x 128 pixels of 2.8 mm: the smallest phantom that
 # selection accepts as a chest (>= 40 slices, >= 150 mm) and that screens in about 2 s.
 SHAPE = (110, 128, 128)

@@ -28,6 +28,8 @@ from postgres import postgres_server
 
 from pipeline.cli import main
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -34,6 +34,8 @@ from batch_kit import (
     write_batch,
 )
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 # Random kill points: seeded, so a failure can be replayed.  Every boundary is killed at
 # by test_killed_at_every_state_boundary; the random points add the moments between them.
 SEED = int(os.environ.get("CTSCREEN_KILL_SEED", "20201127"))

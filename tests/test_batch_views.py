@@ -19,6 +19,8 @@ from pipeline.run import StudyAnalysis, store_view
 from pipeline.web.viewer import StudyView, view_root
 from pipeline.worklist import Worklist
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from batch_kit import check_final_equal, finish, prepare, snapshot, start, states, write_batch
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 distributed = pytest.importorskip("distributed")
 
 

@@ -77,6 +77,7 @@ def test_phantom_archive_end_to_end(
         assert not errors, (p.name, errors)
 
 
+@pytest.mark.heavy  # three more runs: the quick tier has the first
 def test_rerun_replaces_and_never_duplicates(
     phantom_archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -134,6 +135,8 @@ def test_real_lidc_study(
     check_ohif_reading(sr_path, archive / "lidc", lesions)
 
 
+@pytest.mark.heavy
+@pytest.mark.shared_data
 def test_every_bad_and_codec_series_gets_a_row(
     shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 HARNESS = Path(__file__).with_name("fuzz_dicom.py")
 # A fixed seed and a fixed number of runs make the bounded run repeatable (a CI run must not
 # fail by chance); explore with other seeds and longer runs on demand.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiers import quick_one
 
 from pipeline.artefacts import (
     LESION_LABELS,
@@ -54,7 +55,7 @@ CLASSICAL = LungsConfig(method="classical")
 CFG = LesionsConfig(detector="density")  # the density detector's tests
 
 
-@pytest.fixture(scope="module", params=["axial", "flipped", "oblique"])
+@pytest.fixture(scope="module", params=quick_one(["axial", "flipped", "oblique"], "oblique"))
 def case(request):  # type: ignore[no-untyped-def]
     orient = request.param
     thickness = 2.5 if orient == "oblique" else None

@@ -22,6 +22,8 @@ from pipeline.listen import Listener
 from pipeline.run import Stages
 from pipeline.worklist import Worklist
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 NODE_AE = "CTSCREENRX"
 SENDER_AE = "STORESCU"
 

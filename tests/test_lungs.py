@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from tiers import quick_one
 
 from pipeline.artefacts import (
     LESION_LABELS,
@@ -47,7 +48,7 @@ def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     return float(2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
 
 
-@pytest.fixture(scope="module", params=["axial", "flipped", "oblique"])
+@pytest.fixture(scope="module", params=quick_one(["axial", "flipped", "oblique"], "oblique"))
 def case(request):  # type: ignore[no-untyped-def]
     orient = request.param
     thickness = 2.5 if orient == "oblique" else None
@@ -102,7 +103,7 @@ def heart_core(ct: Volume) -> npt.NDArray[np.bool_]:
     return np.asarray(q <= 0.9)
 
 
-@pytest.fixture(scope="module", params=["axial", "flipped", "oblique"])
+@pytest.fixture(scope="module", params=quick_one(["axial", "flipped", "oblique"], "oblique"))
 def clean(request):  # type: ignore[no-untyped-def]
     """The phantom without lesions, segmented with and without mirror recovery."""
     orient = request.param
@@ -134,8 +135,9 @@ def test_mirror_recovery_leaves_a_healthy_chest_alone(clean) -> None:  # type: i
 LOBAR_RADII = (60.0, 70.0, 50.0)
 
 
-@pytest.fixture(scope="module", params=[(o, s) for o in ("axial", "flipped", "oblique")
-                                        for s in (Side.RIGHT, Side.LEFT)],
+@pytest.fixture(scope="module",
+                params=quick_one([(o, s) for o in ("axial", "flipped", "oblique")
+                                  for s in (Side.RIGHT, Side.LEFT)], ("oblique", Side.LEFT)),
                 ids=lambda p: f"{p[0]}-{p[1]}-upper")
 def lobar(request):  # type: ignore[no-untyped-def]
     orient, side = request.param

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from tiers import quick_one
 
 from pipeline.artefacts import LESION_LABELS, LUNG_LABELS, LesionKind, Side, Volume
 from pipeline.config import LungsConfig
@@ -183,7 +184,7 @@ def _shift_k(k0: int) -> npt.NDArray[np.float64]:
 
 
 @needs_model
-@pytest.mark.parametrize("orient", ["axial", "flipped", "oblique"])
+@pytest.mark.parametrize("orient", quick_one(["axial", "flipped", "oblique"], "oblique"))
 def test_phantom_lobar_consolidation_stays_in_its_lung(orient) -> None:  # type: ignore[no-untyped-def]
     """A dense upper-lobe consolidation of the right lung is kept inside the right lung by
     the configured segmenter (the model with its classical cross-check, whose dense lung

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
+import pytest
 from orthanc import free_port
 from pacs_kit import small_sc, write_phantom
 
@@ -68,6 +69,7 @@ def test_query_window_bounds() -> None:
     assert QueryWindow(None, datetime(2024, 1, 5)).date_range() == "-20240105"
 
 
+@pytest.mark.heavy  # two batches of a 200-slice phantom
 def test_a_result_replaced_before_delivery_is_never_delivered(tmp_path: Path) -> None:
     """The archive cannot take results (its result folder is a file: a real write failure)
     while a study is screened, then screened again under a changed configuration: the first

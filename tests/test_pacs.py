@@ -37,6 +37,8 @@ from pipeline.outbox import Outbox
 from pipeline.run import Stages
 from pipeline.worklist import Worklist
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 LIDC_STUDY = "1.3.6.1.4.1.14519.5.2.1.6279.6001.265704884949271879044145982159"
 
 

@@ -26,6 +26,8 @@ from pipeline.run import Stages
 from pipeline.worklist import Worklist
 from pipeline.writeback import write_back
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 

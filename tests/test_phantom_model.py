@@ -115,6 +115,7 @@ def test_deterministic_and_fast() -> None:
     print(f"render {shape}: {dt:.2f} s")  # a figure, not a test: benchmarks judge speed
 
 
+@pytest.mark.heavy  # 7 s: a 350 ml consolidation rendered
 def test_lobar_consolidation_is_clipped_to_its_lung() -> None:
     """A consolidation larger than the upper third of a lung fills it, and only it."""
     for side, cx in ((Side.RIGHT, -70.0), (Side.LEFT, 70.0)):

@@ -132,6 +132,7 @@ def run_on_terminal(args: list[str], columns: int = 120) -> tuple[int, str, str]
     return p.returncode, shown.decode(errors="replace"), out
 
 
+@pytest.mark.heavy  # two runs of the command
 def test_run_on_a_terminal_shows_a_bar_and_logs_to_a_file(tmp_path: Path) -> None:
     archive, config = prepare(write_batch(tmp_path / "source", n=2), tmp_path / "night")
     rc, shown, out = run_on_terminal(["run", "--archive", str(archive), "--config", str(config)])

@@ -17,6 +17,8 @@ from pipeline.demo import write_phantom_study
 from pipeline.ingest import find_studies
 from pipeline.run import Stages, run_study
 
+pytestmark = pytest.mark.heavy  # outside the quick tier (docs/development.md)
+
 LEFT, RIGHT = "7771000", "24028007"  # SNOMED CT laterality codes
 GGO, CONSOLIDATION = "112120", "95436008"  # DCM / SNOMED CT finding codes
 

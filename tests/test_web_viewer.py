@@ -346,6 +346,7 @@ def screened_phantom(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return screen(folder)
 
 
+@pytest.mark.heavy  # a phantom study screened
 def test_screened_phantom(tmp_path: Path, screened_phantom: Any) -> None:
     s = screened_phantom
     assert s.analysed and s.analysis.findings
