@@ -15,7 +15,7 @@ README_MAX_BYTES = 12_000
 
 # Pages linked before they exist because another change is writing them; a name leaves this
 # set once its page is committed (the link checks then hold for it like for every page).
-PENDING = {"docs/development.md"}
+PENDING: set[str] = set()  # pages linked before they are written
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 _CODE = re.compile(r"`[^`\n]*`")
