@@ -198,6 +198,29 @@ def run_batch(
             pool.close()
 
 
+def listener(config: Config | str | Path | None = None, *,
+             worklist: str | Path | None = None) -> Any:
+    """The receiving node of ``ctscreen listen`` (``pipeline.listen.Listener``), wired: its
+    stages, its worklist (``worklist``, else ``worklist.path``, else beside the spool
+    folder), its outbox, the results archive (``listen.results_archive``) and the web's view
+    store.  Call ``serve_forever()`` on it."""
+    from .archive import open_archive
+    from .listen import Listener
+
+    cfg = _config(config)
+    lc = cfg.listen
+    results = None
+    if lc.results_archive:
+        results = open_archive(lc.results_archive, cfg.archive(lc.results_archive))
+    spool = Path(lc.spool or "ctscreen-spool").resolve()
+    wl_path = Path(worklist) if worklist else (
+        Path(cfg.worklist.path) if cfg.worklist.path
+        else spool.parent / f"{spool.name}.ctscreen.sqlite"
+    )
+    cfg, views = batch_views(cfg, wl_path)
+    return Listener(lc, Stages.load(cfg, views), wl_path, results, outbox_path(wl_path, cfg))
+
+
 def batch_views(config: Config, worklist: Path) -> tuple[Config, Path | None]:
     """The web's view store of a batch (``web.view_store``, else beside ``worklist``),
     created and pruned of views older than ``web.view_keep_days``; and the configuration

@@ -563,26 +563,9 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
-    from .archive import open_archive
-    from .listen import Listener
-    from .run import Stages
+    from .api import listener as make_listener
 
-    config = _config(args)
-    lc = config.listen
-    results = None
-    if lc.results_archive:
-        results = open_archive(lc.results_archive, config.archive(lc.results_archive))
-    spool = Path(lc.spool or "ctscreen-spool").resolve()
-    wl_path = Path(args.worklist) if args.worklist else (
-        Path(config.worklist.path) if config.worklist.path
-        else spool.parent / f"{spool.name}.ctscreen.sqlite"
-    )
-    from .api import batch_views
-
-    config, views = batch_views(config, wl_path)
-    listener = Listener(
-        lc, Stages.load(config, views), wl_path, results, outbox_path(wl_path, config)
-    )
+    listener = make_listener(_config(args), worklist=args.worklist)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping after the study in progress", signum)
