@@ -750,48 +750,17 @@ def test_the_real_view_store_serves_the_study_page(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """W2's view store (pipeline/web/viewer.py) behind the routes: a small synthetic study
     saved with save_view, served as the study page and its slices with and without overlays."""
-    import numpy as np
+    from view_kit import analysis, image
 
-    from pipeline.artefacts import (
-        LESION_LABELS,
-        LUNG_LABELS,
-        Finding,
-        LesionAnalysis,
-        LesionKind,
-        LungMasks,
-        Side,
-        Volume,
-        Zone,
-    )
-    from pipeline.run import StudyAnalysis
+    from pipeline.phantom.model import make_grid
     from pipeline.web.viewer import StudyView, save_view
 
     s = make_site(tmp_path, monkeypatch, fake_view=False)
     uid = "1.2.826.0.1.3680043.1.77"
-    # (k, r, c) -> LPS: slices along z, rows along y, columns along x
-    affine = np.array([[0, 0, 0.8, -40], [0, 0.8, 0, -40], [2.0, 0, 0, -30], [0, 0, 0, 1.0]])
-    hu = np.full((30, 100, 100), -850, np.int16)
-    lungs = np.zeros(hu.shape, np.uint8)
-    lungs[:, 20:80, 10:48] = LUNG_LABELS[Side.RIGHT]
-    lungs[:, 20:80, 52:90] = LUNG_LABELS[Side.LEFT]
-    lesions = np.zeros(hu.shape, np.uint8)
-    lesions[12:18, 40:50, 20:30] = LESION_LABELS[LesionKind.GGO]
-    hu[lesions > 0] = -550
-    ct = Volume(hu, affine, "1.2.3.9")
-    idx = np.argwhere(lesions > 0)
-    finding = Finding(
-        index=1, kind=LesionKind.GGO, volume_ml=float(len(idx) * ct.voxel_volume_ml),
-        side=Side.RIGHT, zone=Zone.MIDDLE, mean_hu=-550.0, centroid_lps=(0.0, 0.0, 0.0),
-        bbox_min_lps=(0.0, 0.0, 0.0), bbox_max_lps=(0.0, 0.0, 0.0), voxel_count=len(idx),
-        voxel_box=(12, 40, 20, 18, 50, 30), seed_index=(12, 40, 20))
-    la = LesionAnalysis(
-        labels=ct.with_array(lesions), findings=(finding,), lungs=(), zones=(),
-        involved_pct=1.5, severity_score=2, severity_max=25, severity_scale="test",
-        suspicion=0.8, pattern=Pattern.TYPICAL, detector="test", n_findings_total=1)
-    result = _result(uid, Pattern.TYPICAL, 0.8, patient_name=NAME)
-    result = replace(result, n_findings=1)
-    save_view(s.app.state.views, StudyAnalysis(result, [], ct, [], LungMasks(
-        ct.with_array(lungs), "test-lungs"), la), [], max_px=64)
+    ct, lungs, lesions = image(make_grid((30, 80, 96), (2.5, 1.6, 1.4), "axial"), (30, 80, 96))
+    result = replace(_result(uid, Pattern.TYPICAL, 0.8, patient_name=NAME), n_findings=1)
+    save_view(s.app.state.views, replace(analysis(ct, lungs, lesions, uid=uid), result=result),
+              [], max_px=64)
     with Worklist(s.worklist) as w:
         w.record(result, "f")
     with StudyView.open(s.app.state.views, uid) as view:  # type: ignore[union-attr]

@@ -16,20 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from geometry import make_affine
+from view_kit import MARKER, SHAPE, SPACING, UID, analysis, image
 
 from pipeline.artefacts import (
     LESION_LABELS,
     LUNG_LABELS,
-    Finding,
-    LesionAnalysis,
     LesionKind,
-    LungMasks,
-    Pattern,
-    ScreeningResult,
     Side,
-    Status,
-    Volume,
-    Zone,
 )
 from pipeline.config import Config, WebConfig, WorklistConfig
 from pipeline.phantom.model import make_grid
@@ -43,51 +36,6 @@ from pipeline.web.viewer import (
     study_key,
     view_root,
 )
-
-SHAPE = (36, 80, 96)  # (slices, rows, columns)
-SPACING = (2.5, 1.6, 1.4)
-MARKER = (-45.0, -30.0, 22.0)  # LPS: patient right, anterior, superior of the centre
-UID = "1.2.826.0.1.3680043.8.498.1"
-
-
-def _image(affine: npt.NDArray[np.float64], shape: tuple[int, int, int] = SHAPE,
-           marker: tuple[float, float, float] = MARKER) -> tuple[Volume, Any, Any]:
-    """Air at -800 HU, a bright ball at ``marker`` (a lesion there too), the lungs split at
-    x = 0 (right: x < 0)."""
-    ct = Volume(np.zeros(shape, np.int16), affine)
-    x, y, z = (ct.lps_grid(i) for i in range(3))
-    d2 = (x - marker[0]) ** 2 + (y - marker[1]) ** 2 + (z - marker[2]) ** 2
-    ball = d2 <= 6.0 ** 2
-    hu = np.where(ball, 400, -800).astype(np.int16)
-    inside = (x / 70) ** 2 + (y / 55) ** 2 <= 1
-    lungs = np.where(inside & (x < -3), LUNG_LABELS[Side.RIGHT],
-                     np.where(inside & (x > 3), LUNG_LABELS[Side.LEFT], 0)).astype(np.uint8)
-    lesions = np.where(ball, LESION_LABELS[LesionKind.GGO], 0).astype(np.uint8)
-    return Volume(hu, affine, "1.2.3.9"), lungs, lesions
-
-
-def _finding(ct: Volume, lesions: npt.NDArray[np.uint8]) -> Finding:
-    idx = np.argwhere(lesions > 0)
-    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
-    return Finding(
-        index=1, kind=LesionKind.GGO, volume_ml=float(len(idx) * ct.voxel_volume_ml),
-        side=Side.RIGHT, zone=Zone.UPPER, mean_hu=400.0, centroid_lps=MARKER,
-        bbox_min_lps=MARKER, bbox_max_lps=MARKER, voxel_count=len(idx),
-        voxel_box=(*map(int, lo), *map(int, hi)), seed_index=tuple(int(v) for v in idx[0]),
-    )
-
-
-def _analysis(ct: Volume, lungs: Any, lesions: Any, *, uid: str = UID,
-              version: str = "test-1") -> StudyAnalysis:
-    findings = (_finding(ct, lesions),) if lesions.any() else ()
-    la = LesionAnalysis(
-        labels=ct.with_array(lesions), findings=findings, lungs=(), zones=(), involved_pct=1.0,
-        severity_score=1, severity_max=25, severity_scale="test", suspicion=0.7,
-        pattern=Pattern.TYPICAL, detector="test-detector-1", n_findings_total=len(findings))
-    result = ScreeningResult(study_uid=uid, accession_number="", study_date="",
-                             status=Status.ANALYSED, series_uid=uid + ".1",
-                             algorithm_version=version)
-    return StudyAnalysis(result, [], ct, [], LungMasks(ct.with_array(lungs), "test-lungs"), la)
 
 
 def _blob(gray: npt.NDArray[np.uint8]) -> tuple[float, float, float]:
@@ -115,8 +63,8 @@ def test_patient_right_is_on_the_image_left(tmp_path: Path, name: str) -> None:
         shape: tuple[int, int, int] = (SHAPE[0], SHAPE[2], SHAPE[1])
     else:
         shape = SHAPE
-    ct, lungs, lesions = _image(affine, shape)
-    folder = save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=64)
+    ct, lungs, lesions = image(affine, shape)
+    folder = save_view(tmp_path, analysis(ct, lungs, lesions), None, max_px=64)
     assert folder == tmp_path / study_key(UID)
     with StudyView.open(tmp_path, UID) as view:  # type: ignore[union-attr]
         assert max(view.shape) <= 64
@@ -148,8 +96,8 @@ def test_patient_right_is_on_the_image_left(tmp_path: Path, name: str) -> None:
 
 
 def test_downsampled_with_square_pixels(tmp_path: Path) -> None:
-    ct, lungs, lesions = _image(make_affine(pixel=(0.8, 0.5), step=2.0), (20, 200, 300))
-    save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=100)
+    ct, lungs, lesions = image(make_affine(pixel=(0.8, 0.5), step=2.0), (20, 200, 300))
+    save_view(tmp_path, analysis(ct, lungs, lesions), None, max_px=100)
     view = StudyView.open(tmp_path, UID)
     assert view is not None
     # 160 mm of rows by 150 mm of columns: the longer side 100 px, the same mm per pixel
@@ -158,7 +106,7 @@ def test_downsampled_with_square_pixels(tmp_path: Path) -> None:
     w, h = viewer.view_png_size(view.slice_png(0))
     assert (h, w) == view.shape
     # a small image is not upsampled
-    save_view(tmp_path / "small", _analysis(ct, lungs, lesions), None, max_px=1000)
+    save_view(tmp_path / "small", analysis(ct, lungs, lesions), None, max_px=1000)
     small = StudyView.open(tmp_path / "small", UID)
     assert small is not None and small.shape == (320, 300)  # 0.5 mm pixels: rows upsampled
     # ... only to square pixels (0.8 mm rows become two 0.5 mm ones)
@@ -166,8 +114,8 @@ def test_downsampled_with_square_pixels(tmp_path: Path) -> None:
 
 
 def test_overlays_toggle(tmp_path: Path) -> None:
-    ct, lungs, lesions = _image(GRIDS["axial"])
-    save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=64)
+    ct, lungs, lesions = image(GRIDS["axial"])
+    save_view(tmp_path, analysis(ct, lungs, lesions), None, max_px=64)
     view = StudyView.open(tmp_path, UID)
     assert view is not None
     k = view.findings[0]["slice"]
@@ -216,24 +164,24 @@ def test_overlays_toggle(tmp_path: Path) -> None:
 def test_open_of_a_missing_study_is_none(tmp_path: Path) -> None:
     assert StudyView.open(tmp_path, UID) is None
     assert StudyView.open(tmp_path / "nowhere", UID) is None
-    ct, lungs, lesions = _image(GRIDS["axial"])
-    save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=32)
+    ct, lungs, lesions = image(GRIDS["axial"])
+    save_view(tmp_path, analysis(ct, lungs, lesions), None, max_px=32)
     assert StudyView.open(tmp_path, UID + ".2") is None
     assert not remove_view(tmp_path, UID + ".2")
     assert remove_view(tmp_path, UID) and StudyView.open(tmp_path, UID) is None
-    save_view(tmp_path, _analysis(ct, lungs, lesions), None, max_px=32)
+    save_view(tmp_path, analysis(ct, lungs, lesions), None, max_px=32)
     (tmp_path / study_key(UID) / "view.zip").write_bytes(b"not a zip")
     assert StudyView.open(tmp_path, UID) is None
 
 
 def test_rescreen_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ct, lungs, lesions = _image(GRIDS["axial"])
-    save_view(tmp_path, _analysis(ct, lungs, lesions, version="v1"), None, max_px=48)
+    ct, lungs, lesions = image(GRIDS["axial"])
+    save_view(tmp_path, analysis(ct, lungs, lesions, version="v1"), None, max_px=48)
     old = StudyView.open(tmp_path, UID)
     assert old is not None
     old_first = old.slice_png(0)
-    moved, lungs2, lesions2 = _image(GRIDS["axial"], marker=(40.0, 30.0, -20.0))
-    save_view(tmp_path, _analysis(moved, lungs2, lesions2, version="v2"), None, max_px=48)
+    moved, lungs2, lesions2 = image(GRIDS["axial"], marker=(40.0, 30.0, -20.0))
+    save_view(tmp_path, analysis(moved, lungs2, lesions2, version="v2"), None, max_px=48)
     new = StudyView.open(tmp_path, UID)
     assert new is not None and new.meta["versions"]["algorithm"] == "v2"
     assert new.findings[0]["slice"] != old.findings[0]["slice"]
@@ -256,7 +204,7 @@ def test_rescreen_replaces_atomically(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(viewer, "_png", failing)
     with pytest.raises(OSError, match="disk full"):
-        save_view(tmp_path, _analysis(ct, lungs, lesions, version="v3"), None, max_px=48)
+        save_view(tmp_path, analysis(ct, lungs, lesions, version="v3"), None, max_px=48)
     monkeypatch.undo()
     kept = StudyView.open(tmp_path, UID)
     assert kept is not None and kept.meta["versions"]["algorithm"] == "v2"
@@ -266,9 +214,9 @@ def test_rescreen_replaces_atomically(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_readers_never_see_half_a_view(tmp_path: Path) -> None:
     """A reader opening the view while it is rewritten over and over always finds a whole
     one: the slices its view.json promises, of the version it names."""
-    grids = {"a": _image(GRIDS["axial"], (12, 40, 40)),
-             "b": _image(GRIDS["axial"], (16, 40, 40), marker=(30.0, 20.0, -5.0))}
-    save_view(tmp_path, _analysis(*grids["a"], version="a"), None, max_px=40)
+    grids = {"a": image(GRIDS["axial"], (12, 40, 40)),
+             "b": image(GRIDS["axial"], (16, 40, 40), marker=(30.0, 20.0, -5.0))}
+    save_view(tmp_path, analysis(*grids["a"], version="a"), None, max_px=40)
     stop = threading.Event()
     errors: list[str] = []
     seen: set[str] = set()
@@ -294,7 +242,7 @@ def test_readers_never_see_half_a_view(tmp_path: Path) -> None:
     try:
         for i in range(8):
             v = "b" if i % 2 == 0 else "a"
-            save_view(tmp_path, _analysis(*grids[v], version=v), None, max_px=40)
+            save_view(tmp_path, analysis(*grids[v], version=v), None, max_px=40)
     finally:
         stop.set()
         reader.join()
@@ -304,8 +252,8 @@ def test_readers_never_see_half_a_view(tmp_path: Path) -> None:
 
 def test_prune(tmp_path: Path) -> None:
     for i in range(3):
-        ct, lungs, lesions = _image(GRIDS["axial"], (8, 32, 32))
-        save_view(tmp_path, _analysis(ct, lungs, lesions, uid=f"{UID}.{i}"), None, max_px=32)
+        ct, lungs, lesions = image(GRIDS["axial"], (8, 32, 32))
+        save_view(tmp_path, analysis(ct, lungs, lesions, uid=f"{UID}.{i}"), None, max_px=32)
     now = time.time()
     old = tmp_path / study_key(f"{UID}.0") / "view.zip"
     os.utime(old, (now - 10 * 86400, now - 10 * 86400))
