@@ -321,25 +321,14 @@ def render_table() -> str:
                 f"| `{_cell(r.code)}` | {r.status} | {_cell(r.meaning)} | {_cell(r.action)} "
                 f"| {r.retry} |"
             )
-    lines += [
-        "",
-        "Given to one series only (in `select_series`'s decisions), never as the study's "
-        "reason:",
-        "",
-        "| code | meaning |",
-        "|---|---|",
-    ]
-    lines += [f"| `{_cell(r.code)}` | {_cell(r.meaning)} |" for r in REASONS
-              if r.scope == "series"]
-    lines += [
-        "",
-        "Never recorded on the worklist:",
-        "",
-        "| code | meaning |",
-        "|---|---|",
-    ]
-    lines += [f"| `{_cell(r.code)}` | {_cell(r.meaning)} |" for r in REASONS
-              if r.scope == "internal"]
+    for scope, title in (
+        ("series", "Given to one series only (in `select_series`'s decisions), never as the "
+                   "study's reason:"),
+        ("internal", "Never recorded on the worklist:"),
+    ):
+        lines += ["", title, "", "| code | meaning |", "|---|---|"]
+        lines += [f"| `{_cell(r.code)}` | {_cell(r.meaning)} |" for r in REASONS
+                  if r.scope == scope]
     return "\n".join(lines) + "\n"
 
 
