@@ -428,6 +428,9 @@ class LungMasks:
     method: str
     # coded quality warnings the segmenter itself raised (e.g. its cross-check disagreed)
     warnings: tuple[str, ...] = ()
+    # a lung model with an infection class: its infected lung (uint8 0/1 on the CT grid,
+    # inside ``labels``), which the lesion detector "lung-model" turns into lesions
+    infection: Volume | None = None
 
     def mask(self, side: Side | None = None) -> npt.NDArray[np.bool_]:
         a = self.labels.array

@@ -140,7 +140,9 @@ class LungsConfig:
 
 @dataclass(frozen=True)
 class LesionsConfig:
-    detector: str = "density"  # "density" (classical baseline) or "onnx" (a learned model)
+    # "density" (classical baseline), "onnx" (a lesion model, ``model``) or "lung-model" (the
+    # infection class of the lung model, ``lungs.model``: one network for lungs and lesions)
+    detector: str = "density"
     # detector "onnx": the model folder (model.onnx + model.yaml); a relative path is looked
     # up from the working directory, then from the repository root
     model: str = "models/covid-lesions-unet2d"
@@ -152,7 +154,8 @@ class LesionsConfig:
     # in a stack the model runs on slices about this far apart (probabilities interpolated
     # in between; a speed / z-resolution trade-off of serving); 0: the model.yaml value
     z_step_mm: float = 3.0
-    # detector "onnx": the model says where a lesion is; its kind follows the density there.
+    # detectors "onnx" and "lung-model": the model says where a lesion is; its kind follows
+    # the density there.
     # A lesion voxel whose HU, smoothed in-plane (Gaussian, 1 mm), is above this value is
     # consolidation, else ground glass (chosen on the training and validation slices, see
     # docs); None keeps the model's own kind
@@ -436,6 +439,12 @@ class LungTrainConfig:
     # 1 + boundary_weight
     boundary_weight: float = 0.0
     boundary_px: int = 6
+    # a third class, infected lung (the ma20 infection masks; synthetic dense lung counts as
+    # infected): one network gives the lung region and the lesions (issue 11)
+    infection: bool = False
+    # a model folder whose ONNX weights start the training (the lung model: same network; its
+    # lung row of the last layer also starts the infection row)
+    init_from: str | None = None
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: all cores
 

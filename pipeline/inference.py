@@ -479,3 +479,39 @@ class OnnxLesionDetector:
         log.info("lesions: %s %s on %d slices in %.2f s", self.name, self.version, ct.shape[0],
                  time.perf_counter() - t0)
         return ct.with_array(labels)
+
+
+class LungModelLesionDetector:
+    """The lesions of the lung model's infection class (``lesions.detector: lung-model``):
+    one network gives the lung region and the infected lung in one pass (``lungs.model`` with
+    the labels background, lung, infection).  The infected lung inside the lungs is a lesion;
+    its kind follows the density (:func:`kind_by_density`, ``model_consolidation_hu``; where
+    that is None all of it is ground glass); per slice, pieces under ``MIN_LESION_MM2`` are
+    dropped (``min_lesion_ml`` holds in the measurement)."""
+
+    MIN_LESION_MM2 = 20.0
+
+    def __init__(self, config: LesionsConfig) -> None:
+        self.consolidation_hu = config.model_consolidation_hu
+        # what it does with the infection (the lung model's hash is the lung stage's)
+        self.name = "lung-model-infection"
+        self.version = "1.0"
+
+    def __call__(self, ct: Volume, lungs: LungMasks) -> Volume:
+        from .errors import ConfigError
+
+        if lungs.infection is None:
+            raise ConfigError("lesions.detector lung-model: the lung segmenter "
+                              f"({lungs.method}) gives no infection; configure lungs.method "
+                              "model with a lung model that has the infection class")
+        t0 = time.perf_counter()
+        sp = ct.spacing
+        inf = (np.asarray(lungs.infection.array) > 0) & lungs.mask()
+        sub = drop_small_2d(inf.astype(np.uint8), self.MIN_LESION_MM2 / (sp[1] * sp[2]))
+        if self.consolidation_hu is not None:
+            labels = kind_by_density(sub, ct.array, (sp[1], sp[2]), self.consolidation_hu)
+        else:
+            labels = sub
+        log.info("lesions: the infection class of %s on %d slices in %.2f s", lungs.method,
+                 ct.shape[0], time.perf_counter() - t0)
+        return ct.with_array(np.asarray(labels, dtype=np.uint8))

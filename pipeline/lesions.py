@@ -257,7 +257,11 @@ def detector_for(config: LesionsConfig) -> LesionDetector:
         from .inference import OnnxLesionDetector
 
         return OnnxLesionDetector(config)
-    raise ConfigError(f"lesions.detector: expected one of ['density', 'onnx'], "
+    if config.detector == "lung-model":
+        from .inference import LungModelLesionDetector
+
+        return LungModelLesionDetector(config)
+    raise ConfigError(f"lesions.detector: expected one of ['density', 'onnx', 'lung-model'], "
                       f"got {config.detector!r}")
 
 

@@ -653,9 +653,14 @@ class LearnedLungSegmenter:
         self.spec = load_model_spec(config.model)
         if config.z_step_mm > 0:
             self.spec = replace(self.spec, z_step_mm=config.z_step_mm)
-        if self.spec.task != "lungs" or len(self.spec.labels) != 2:
-            raise ConfigError(f"lungs.model {config.model}: expected a 2-label lungs model, got "
-                              f"task {self.spec.task!r} with labels {list(self.spec.labels)}")
+        labels = tuple(self.spec.labels)
+        if self.spec.task != "lungs" or labels not in (("background", "lung"),
+                                                        ("background", "lung", "infection")):
+            raise ConfigError(f"lungs.model {config.model}: expected a lungs model with the "
+                              f"labels background, lung (and infection), got task "
+                              f"{self.spec.task!r} with labels {list(self.spec.labels)}")
+        # the model's third class, infected lung, becomes LungMasks.infection
+        self.infection = len(labels) == 3
         self.predictor = OnnxPredictor(self.spec, config.threads, config.providers)
         self.name = self.spec.name
         self.version = self.spec.version
@@ -671,8 +676,10 @@ class LearnedLungSegmenter:
         return f"{self.name} {self.version}"
 
     def probabilities(self, ct: Volume) -> tuple[npt.NDArray[np.float32],
-                                                 tuple[bool, bool, bool]]:
-        """Lung probability (K, S, S) on the network's canonical square grid, every slice."""
+                                                 tuple[bool, bool, bool],
+                                                 npt.NDArray[np.float32] | None]:
+        """Lung probability (K, S, S) on the network's canonical square grid, every slice,
+        the in-plane turn, and the infection probability where the model has that class."""
         from .representation import canonical_inplane, ma20_input, to_canonical
         from .train.lungs import predict_prob
 
@@ -682,13 +689,10 @@ class LearnedLungSegmenter:
         ks = sorted(set(range(0, n, step)) | {n - 1})
         size = self.spec.network_size
         x = ma20_input(to_canonical(ct.array[ks], how))
-        p = predict_prob(self.predictor, x, size, self.config.threads * 8 or 16)
-        out = np.empty((n, size, size), dtype=np.float32)
-        for a, b, pa, pb in zip(ks[:-1], ks[1:], p[:-1], p[1:], strict=True):
-            t = (np.arange(a, b, dtype=np.float32) - a) / (b - a)
-            out[a:b] = pa[None] * (1 - t)[:, None, None] + pb[None] * t[:, None, None]
-        out[ks[-1]] = p[-1]
-        return out, how
+        p, q = predict_prob(self.predictor, x, size, self.config.threads * 8 or 16,
+                            infection=True)
+        lung = _between_slices(p, ks, n)
+        return lung, how, (_between_slices(q, ks, n) if self.infection else None)
 
     def segment_recipe(self, images: npt.NDArray[np.uint8]) -> BoolArray:
         """Lung masks (K, 256, 256) of images already made by the recipe (the ma20 layout:
@@ -706,6 +710,18 @@ class LearnedLungSegmenter:
                 out[k] |= ndi.binary_fill_holes(lab == i)
         return out
 
+    def infection_recipe(self, images: npt.NDArray[np.uint8]) -> BoolArray:
+        """Infected lung (K, 256, 256) of recipe images (see :meth:`segment_recipe`): the
+        infection probability upsampled bilinearly, >= 0.5; not yet cut to a lung region."""
+        from .representation import SIZE, resize2d
+        from .train.lungs import predict_prob
+
+        if not self.infection:
+            raise ConfigError(f"lungs.model {self.config.model}: the model has no infection "
+                              "class")
+        _, q = predict_prob(self.predictor, images, self.spec.network_size, infection=True)
+        return np.asarray(resize2d(q, (SIZE, SIZE)) >= 0.5)
+
     def __call__(self, ct: Volume) -> LungMasks:
         from .representation import (
             from_canonical,
@@ -716,7 +732,7 @@ class LearnedLungSegmenter:
 
         cfg = self.config
         t0 = time.perf_counter()
-        prob, how = self.probabilities(ct)
+        prob, how, inf_prob = self.probabilities(ct)
         size = prob.shape[1]
         m = low_grid_to_index(ct.shape[1:], how, size)
         grid = ct.grid.resampled(m, (prob.shape[0], prob.shape[1], prob.shape[2]))
@@ -746,6 +762,14 @@ class LearnedLungSegmenter:
                 p = square_to_slice(np.where(sel, prob[k], 0.0).astype(np.float32), shape_c)
                 full_c[k][p >= 0.5] = v
         full = np.ascontiguousarray(from_canonical(full_c, how))
+        infection = None
+        if inf_prob is not None:  # infected lung on the CT grid, bilinear, >= 0.5
+            inf_c = np.zeros(full_c.shape, dtype=np.uint8)
+            for k in range(ct.shape[0]):
+                if full_c[k].any() and (inf_prob[k] >= 0.5).any():
+                    q = square_to_slice(inf_prob[k].astype(np.float32), shape_c)
+                    inf_c[k] = (q >= 0.5) & (full_c[k] > 0)
+            infection = np.ascontiguousarray(from_canonical(inf_c, how))
         total_ml = float(np.count_nonzero(full) * ct.voxel_volume_ml)
         if total_ml < cfg.min_lung_volume_ml:
             raise NotAnalysable(
@@ -754,7 +778,10 @@ class LearnedLungSegmenter:
             )
         t1 = time.perf_counter()
         warnings = self._cross_check(ct, full)
-        masks = LungMasks(labels=ct.with_array(full), method=self.method)
+        if infection is not None:  # dense lung the cross-check added stays lung only
+            infection &= (full > 0)
+        masks = LungMasks(labels=ct.with_array(full), method=self.method,
+                          infection=None if infection is None else ct.with_array(infection))
         log.info("lungs: %.0f ml (right %.0f, left %.0f) by %s in %.2f s (cross-check %.2f s)",
                  total_ml,
                  np.count_nonzero(full == LUNG_LABELS[Side.RIGHT]) * ct.voxel_volume_ml,
@@ -784,6 +811,18 @@ class LearnedLungSegmenter:
             log.warning("lungs: the classical cross-check disagrees (Dice %.2f)", d)
             return (f"lung-methods-disagree:dice={d:.2f}",)
         return ()
+
+
+def _between_slices(p: npt.NDArray[np.float32], ks: list[int], n: int
+                    ) -> npt.NDArray[np.float32]:
+    """Probabilities of the slices ``ks`` (sorted, first 0, last n - 1) -> all ``n`` slices,
+    linear in between."""
+    out = np.empty((n, *p.shape[1:]), dtype=np.float32)
+    for a, b, pa, pb in zip(ks[:-1], ks[1:], p[:-1], p[1:], strict=True):
+        t = (np.arange(a, b, dtype=np.float32) - a) / (b - a)
+        out[a:b] = pa[None] * (1 - t)[:, None, None] + pb[None] * t[:, None, None]
+    out[ks[-1]] = p[-1]
+    return out
 
 
 def _sides(mask: BoolArray, hu: npt.NDArray[np.float32], ct: Volume, grid: Grid,

@@ -33,7 +33,7 @@ from .artefacts import (
     Volume,
 )
 from .config import BatchConfig, Config
-from .errors import NotAnalysable
+from .errors import ConfigError, NotAnalysable
 from .lesions import LesionDetector, analyse, detector_for
 from .lungs import LungSegmenter, lung_mask_warnings, segmenter_for
 from .outbox import Outbox
@@ -82,7 +82,13 @@ class Stages:
 
     @classmethod
     def load(cls, config: Config, views: Path | None = None) -> Stages:
-        return cls(config, segmenter_for(config.lungs), detector_for(config.lesions), views)
+        lungs = segmenter_for(config.lungs)
+        if config.lesions.detector == "lung-model" and not getattr(lungs, "infection", False):
+            raise ConfigError(
+                "lesions.detector lung-model: expected lungs.method model with a lung model "
+                f"that has the infection class, got {config.lungs.method!r} "
+                f"({config.lungs.model if config.lungs.method == 'model' else 'no model'})")
+        return cls(config, lungs, detector_for(config.lesions), views)
 
 
 # The modules whose code decides what a result says: a change to any of them changes

@@ -363,6 +363,60 @@ def test_lesions_on_ma20_inside_the_lung_model_region(tmp_path: Path) -> None:
     assert m["lesion_sensitivity"]["value"] == 1.0 and m["fp_per_slice"]["value"] == 0.0
 
 
+def _lung_infection_model(folder: Path, training_data: dict | None = None) -> Path:  # type: ignore[type-arg]
+    """Lung where the recipe image is above 0.3 (of 255), infected lung above 0.7."""
+    return _threshold_model(folder, [(0.0, 0.0), (40.0, -12.0), (80.0, -40.0)], {
+        "name": "test-lungs-infection", "version": "0.0.1", "task": "lungs",
+        "labels": ["background", "lung", "infection"],
+        "preprocessing": {"input": "ma20", "network_size": N, "z_step_mm": 2.5},
+        "training_data": training_data or {}})
+
+
+def test_lung_model_infection_class_scored_as_the_lesion_detector(tmp_path: Path) -> None:
+    """A lung model with an infection class is a lesion detector ("lung-model"): on the ma20
+    layout it is scored inside its own lung region, as the batch uses it, and gives what a
+    separate lesion model marking the same pixels gives."""
+    vols = _volumes()
+    _ma20_folder(tmp_path / "ma20", vols)
+    seen = _fingerprint_of([ct for ct, _, _ in vols["coronacases-03"]])
+    model = _lung_infection_model(tmp_path / "li", {"seen_fingerprints": [seen]})
+    ds = open_dataset(tmp_path / "ma20", tmp_path / "ds")
+    rep = evaluate(str(model), ds, n_boot=50, lungs=str(model))
+    assert rep["detector"].startswith("test-lungs-infection 0.0.1 (infection class)")
+    assert [x["id"] for x in rep["left_out"]] == ["ma20-coronacases-03"]
+    assert rep["cases"] == 2 and rep["gt_lesion_pixels_in_region"] == 0.5
+    m = rep["metrics"]
+    assert m["dice_lesion"]["value"] == pytest.approx(round(2 * 200 / (200 + 400), 4))
+    assert m["fp_per_slice"]["value"] == 0.0
+    # "default" with lesions.detector lung-model resolves to the configured lung model
+    cfg = Config()
+    cfg = replace(cfg, lungs=replace(cfg.lungs, model=str(model)),
+                  lesions=replace(cfg.lesions, detector="lung-model"))
+    again = evaluate("default", ds, n_boot=50, config=cfg)
+    assert again["metrics"]["dice_lesion"] == m["dice_lesion"]
+    # its lung task is the lung class and the infection together
+    lungs = evaluate_lungs(str(model), ds, n_boot=20)
+    assert {c["id"]: c["dice"] for c in lungs["per_case"]}["ma20-coronacases-02"] == 1.0
+
+
+def test_lung_model_detector_needs_a_lung_model_with_infection(tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.run import Stages
+
+    cfg = Config()
+    two = _lung_model(tmp_path / "two")
+    cfg = replace(cfg, lungs=replace(cfg.lungs, model=str(two), cross_check=False),
+                  lesions=replace(cfg.lesions, detector="lung-model"))
+    with pytest.raises(ConfigError, match="infection class"):
+        Stages.load(cfg)
+    classical = replace(cfg, lungs=replace(cfg.lungs, method="classical"))
+    with pytest.raises(ConfigError, match="infection class"):
+        Stages.load(classical)
+    three = _lung_infection_model(tmp_path / "three")
+    ok = Stages.load(replace(cfg, lungs=replace(cfg.lungs, model=str(three))))
+    assert ok.lesions.name == "lung-model-infection"
+
+
 def test_cli_lung_task_on_ma20(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.cli import main
 

@@ -95,6 +95,67 @@ def test_tiny_lung_training_resumes_exports_and_serves(tmp_path: Path) -> None:
         assert e.code == "no-lungs-found"
 
 
+def test_tiny_lung_infection_training_starts_from_a_lung_model_and_serves(tmp_path: Path) -> None:
+    """The infection class (one network for lungs and lesions): the run starts from a
+    two-class lung model's weights, validates the infection Dice too, exports three labels,
+    and the segmenter serves the infected lung inside the lungs."""
+    from pipeline.lungs import LearnedLungSegmenter
+    from pipeline.phantom.model import PhantomSpec, make_grid, render
+    from pipeline.train.lungs import export_lung_model, train
+
+    data = _ma20_folder(tmp_path / "ma20")
+    base = LungTrainConfig(ma20=str(data), negatives_from=(), out=str(tmp_path / "run2"),
+                           size=32, features=(4, 4, 8, 8, 16, 4), batch_size=2, epochs=1,
+                           iterations_per_epoch=2, threads=1, test_groups=1, val_groups=1)
+    export_lung_model(train(base), tmp_path / "two", "last")
+    cfg = LungTrainConfig(**{**base.__dict__, "out": str(tmp_path / "run3"), "infection": True,
+                             "init_from": str(tmp_path / "two")})
+    run = train(cfg)
+    h = json.loads((run / "history.json").read_text())[0]
+    assert 0.0 <= h["val_dice_infection"] <= 1.0
+    assert h["val_score"] == pytest.approx(
+        (h["val_dice_lung"] + h["val_inside"] + h["val_dice_infection"]) / 3, abs=1e-3)
+    out = tmp_path / "three"
+    export_lung_model(run, out, "last")
+    doc = yaml.safe_load((out / "model.yaml").read_text())
+    assert doc["labels"] == ["background", "lung", "infection"]
+    seg = LearnedLungSegmenter(LungsConfig(method="model", model=str(out), cross_check=False))
+    assert seg.infection
+    shape = (20, 64, 64)
+    ct, _ = render(PhantomSpec(), make_grid(shape, (5.0, 5.5, 5.5), "axial"), shape)
+    try:
+        masks = seg(ct)
+    except NotAnalysable as e:
+        assert e.code == "no-lungs-found"
+        return
+    assert masks.infection is not None and masks.infection.shape == ct.shape
+    assert not (masks.infection.array.astype(bool) & ~masks.mask()).any()
+
+
+def test_init_from_copies_the_lung_row_into_the_infection_row(tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.train.lungs import build_network, init_from_onnx
+
+    two = LungTrainConfig(size=32, features=(4, 4, 8, 8, 16, 4))
+    net2 = build_network(two).eval()
+    with torch.no_grad():  # trained weights differ (ONNX merges equal constants)
+        for t in net2.state_dict().values():
+            t.add_(torch.randn_like(t) * 0.1)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    torch.onnx.export(net2, (torch.zeros(1, 1, 32, 32),), str(folder / "model.onnx"),
+                      input_names=["image"], output_names=["logits"], opset_version=17,
+                      dynamo=False)
+    net3 = build_network(LungTrainConfig(**{**two.__dict__, "infection": True}))
+    n = init_from_onnx(net3, folder)
+    assert n == len(net2.state_dict())
+    w2, w3 = net2.state_dict()["final_conv.weight"], net3.state_dict()["final_conv.weight"]
+    assert w3.shape[0] == 3 and torch.equal(w3[:2], w2) and torch.equal(w3[2], w2[1])
+    with pytest.raises(ValueError, match="expected"):  # another network: refused, not half-set
+        init_from_onnx(build_network(LungTrainConfig(features=(8, 8, 16, 16, 32, 8))), folder)
+
+
 def test_validation_scores_dice_and_the_infection_kept_inside() -> None:
     from pipeline.train.lungs import validate
 

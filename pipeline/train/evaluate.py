@@ -429,20 +429,78 @@ def onnx_predictor(model_dir: str | Path, threads: int = 2, batch: int = 16,
     return run, spec
 
 
+def infection_predictor(model_dir: str | Path, config: LesionsConfig,
+                        lungs: LungsConfig | None = None) -> tuple[CasePredictor, Any]:
+    """The lesions of a lung model's infection class (``lesions.detector: lung-model``) on
+    a case, as the batch makes them: a full-field HU stack goes through the lung segmenter
+    itself (:class:`~pipeline.lungs.LearnedLungSegmenter`, its infection on the CT grid);
+    an ma20 case's recipe images, and a lung-cropped HU slice made into the recipe, through
+    the network per slice.  Then, as :class:`~pipeline.inference.LungModelLesionDetector`:
+    inside the case's region, pieces under 20 mm2 per slice dropped, the kind by density
+    where the case holds HU (an ma20 case has no kind truth: its lesions count as ground
+    glass)."""
+    from ..inference import LungModelLesionDetector, drop_small_2d, kind_by_density
+    from ..lungs import LearnedLungSegmenter
+    from ..representation import ma20_input, resize2d
+
+    base = replace(lungs or LungsConfig(), method="model", model=str(model_dir),
+                   cross_check=False)
+    seg = LearnedLungSegmenter(base)
+    if not seg.infection:
+        raise EvaluationError(f"{model_dir}: a lung model without the infection class")
+
+    def run(case: CaseData) -> U8:
+        rec = case.record
+        region = np.asarray(case.region, dtype=bool)
+        if rec.intensity == "ma20":
+            inf = seg.infection_recipe(case.hu.astype(np.uint8))
+        elif rec.fov == "full" or rec.source == "volume":
+            try:
+                masks = seg(case_volume(rec, case.hu))
+                inf = np.asarray(masks.infection.array > 0) if masks.infection is not None \
+                    else np.zeros(region.shape, bool)
+            except NotAnalysable:
+                inf = np.zeros(region.shape, bool)
+        else:  # a lung-cropped HU slice: the crop made into the recipe, as if full-field
+            inf = seg.infection_recipe(ma20_input(case.hu))
+        if inf.shape != region.shape:
+            inf = np.asarray(resize2d(inf.astype(np.uint8), region.shape[1:], linear=False),
+                             dtype=bool)
+        sub = drop_small_2d((inf & region).astype(np.uint8),
+                            LungModelLesionDetector.MIN_LESION_MM2
+                            / (rec.spacing_rc[0] * rec.spacing_rc[1]))
+        if config.model_consolidation_hu is not None and rec.intensity == "hu":
+            return kind_by_density(sub, case.hu, rec.spacing_rc, config.model_consolidation_hu)
+        return sub
+
+    return run, seg.spec
+
+
 def lesion_detector(model: str, config: LesionsConfig | None = None,
-                    threads: int = 2) -> Detector:
-    """"density", a lesion model folder, or "default" (the configured detector)."""
+                    threads: int = 2, lungs: LungsConfig | None = None) -> Detector:
+    """"density", a lesion model folder, a lung model folder with an infection class, or
+    "default" (the configured detector)."""
+    from ..inference import load_model_spec
+
     cfg = config or LesionsConfig()
     if model == "default":
         if cfg.detector == "density":
             model = "density"
         elif cfg.detector == "onnx":
             model = cfg.model
+        elif cfg.detector == "lung-model":
+            model = (lungs or LungsConfig()).model
         else:
-            raise EvaluationError(f"lesions.detector: expected 'density' or 'onnx', got "
-                                  f"{cfg.detector!r}")
+            raise EvaluationError(f"lesions.detector: expected 'density', 'onnx' or "
+                                  f"'lung-model', got {cfg.detector!r}")
     if model == "density":
         return Detector("density-threshold 1.0 (baseline)", density_predictor(cfg), ("hu",))
+    kind = ("" if cfg.model_consolidation_hu is None
+            else f", kind by density (consolidation above {cfg.model_consolidation_hu:g} HU)")
+    if load_model_spec(model).task == "lungs":
+        predict, spec = infection_predictor(model, cfg, lungs)
+        return Detector(f"{spec.name} {spec.version} (infection class){kind}", predict,
+                        ("hu", "ma20"), (spec,))
     predict, spec = onnx_predictor(model, threads, max(1, cfg.batch_slices),
                                    cfg.model_consolidation_hu)
     if spec.task != "lesions":
@@ -451,8 +509,6 @@ def lesion_detector(model: str, config: LesionsConfig | None = None,
     # every model reads ma20 recipe images: an "ma20" model as they are, a HU-window model
     # through approximate HU (pipeline.representation.ma20_pseudo_hu, anchored in the region)
     reads = ("hu", "ma20")
-    kind = ("" if cfg.model_consolidation_hu is None
-            else f", kind by density (consolidation above {cfg.model_consolidation_hu:g} HU)")
     return Detector(f"{spec.name} {spec.version}{kind}", predict, reads, (spec,))
 
 
@@ -469,7 +525,8 @@ def evaluate(model: str | Detector, dataset: Dataset,
     from ..inference import load_model_spec
 
     cfg = config or Config()
-    det = model if isinstance(model, Detector) else lesion_detector(model, cfg.lesions, threads)
+    det = (model if isinstance(model, Detector)
+           else lesion_detector(model, cfg.lesions, threads, cfg.lungs))
     region = LungRegion(lungs_config(lungs, cfg.lungs))
     rules = {r.id: region_rule(r) for r in dataset.records}
     seen = Seen()

@@ -48,6 +48,7 @@ from ..representation import SIZE, canonical_inplane, ma20_input, resize2d, to_c
 log = logging.getLogger(__name__)
 
 LABELS = ("background", "lung")
+LABELS_INFECTION = ("background", "lung", "infection")  # lung = healthy lung; both are lung
 U8 = npt.NDArray[np.uint8]
 
 
@@ -218,22 +219,62 @@ def network_input(img_u8: U8, size: int) -> npt.NDArray[np.float32]:
 # --------------------------------------------------------------------------- training
 
 
+def labels_of(cfg: LungTrainConfig) -> tuple[str, ...]:
+    return LABELS_INFECTION if cfg.infection else LABELS
+
+
 def build_network(cfg: LungTrainConfig) -> Any:
     from monai.networks.nets import BasicUNet
 
-    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=len(LABELS),
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=len(labels_of(cfg)),
                      features=tuple(cfg.features))
 
 
-def predict_prob(predictor: Any, img_u8: U8, size: int, batch: int = 16) -> npt.NDArray[np.float32]:
-    """Lung probability (K, size, size) of (K, 256, 256) recipe images."""
+def init_from_onnx(net: Any, model_dir: Path) -> int:
+    """Start ``net`` from the weights of ``model_dir``/model.onnx (same BasicUNet; the ONNX
+    initializers carry the torch names).  Where the last layer has more classes than the
+    source, the source's last row starts each extra row.  Returns the tensors copied."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    src = {i.name: numpy_helper.to_array(i) for i in
+           onnx.load(str(Path(model_dir) / "model.onnx")).graph.initializer}
+    state = net.state_dict()
+    n = 0
+    for name, t in state.items():
+        if name not in src:
+            continue
+        a = torch.from_numpy(np.array(src[name], dtype=np.float32))
+        if a.shape != t.shape and a.shape[1:] == t.shape[1:] and a.shape[0] < t.shape[0]:
+            a = torch.cat([a] + [a[-1:]] * (t.shape[0] - a.shape[0]))
+        if a.shape == t.shape:
+            state[name] = a
+            n += 1
+    if n != len(state):
+        raise ValueError(f"init_from {model_dir}: expected the {len(state)} tensors of this "
+                         f"network, found {n} that fit")
+    net.load_state_dict(state)
+    return n
+
+
+def predict_prob(predictor: Any, img_u8: U8, size: int, batch: int = 16,
+                 infection: bool = False) -> Any:
+    """Lung probability (K, size, size) of (K, 256, 256) recipe images (one minus the
+    background's); with ``infection`` also the infection probability, as a pair."""
     from ..inference import softmax
 
-    out = []
+    lung, inf = [], []
     for k0 in range(0, len(img_u8), batch):
-        logits = predictor(network_input(img_u8[k0:k0 + batch], size))
-        out.append(softmax(logits)[:, 1])
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+        p = softmax(predictor(network_input(img_u8[k0:k0 + batch], size)))
+        lung.append(1.0 - p[:, 0])
+        if infection:
+            inf.append(p[:, 2] if p.shape[1] > 2 else np.zeros_like(p[:, 0]))
+    empty = np.zeros((0, size, size), np.float32)
+    lp = np.concatenate(lung) if lung else empty
+    if not infection:
+        return lp
+    return lp, (np.concatenate(inf) if inf else empty)
 
 
 def dice(pred: npt.NDArray[np.bool_], gt: npt.NDArray[np.bool_]) -> float:
@@ -242,16 +283,22 @@ def dice(pred: npt.NDArray[np.bool_], gt: npt.NDArray[np.bool_]) -> float:
 
 
 def validate(predictor: Any, data: dict[str, Any], idx: npt.NDArray[np.intp],
-             size: int) -> dict[str, float]:
+             size: int, infection: bool = False) -> dict[str, float]:
     """Validation figures on the slices ``idx``: pooled lung Dice, the share of infected-lung
-    pixels inside the predicted lung, and the selection score, their mean (the issue's two
-    targets weigh alike; ``best.pt`` is the epoch with the highest score)."""
-    prob = predict_prob(predictor, data["img"][idx], size)
-    full = resize2d(prob, (SIZE, SIZE)) >= 0.5
+    pixels inside the predicted lung, with ``infection`` the pooled infection Dice (inside
+    the predicted lung), and the selection score, their mean (the issue's targets weigh
+    alike; ``best.pt`` is the epoch with the highest score)."""
+    lp, ip = predict_prob(predictor, data["img"][idx], size, infection=True)
+    full = resize2d(lp, (SIZE, SIZE)) >= 0.5
     d = dice(full, data["lung"][idx] > 0)
     inf = data["inf"][idx] > 0
     inside = float((full & inf).sum() / inf.sum()) if inf.any() else 1.0
-    return {"val_dice_lung": d, "val_inside": inside, "val_score": (d + inside) / 2.0}
+    out = {"val_dice_lung": d, "val_inside": inside, "val_score": (d + inside) / 2.0}
+    if infection:
+        found = (resize2d(ip, (SIZE, SIZE)) >= 0.5) & full
+        out["val_dice_infection"] = dice(found, inf)
+        out["val_score"] = (d + inside + out["val_dice_infection"]) / 3.0
+    return out
 
 
 def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
@@ -281,7 +328,11 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2)))
     rng = np.random.default_rng(cfg.seed)
     aug = Augment(rng, cfg.size)
-    net = build_network(cfg).to(device)
+    net = build_network(cfg)
+    if cfg.init_from and not (resume and (run / "last.pt").is_file()):
+        log.info("started from %s (%d tensors)", cfg.init_from,
+                 init_from_onnx(net, Path(cfg.init_from)))
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.iterations_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total,
@@ -315,7 +366,8 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
                 ys.append(y)
             xb = torch.from_numpy(np.stack(xs)[:, None]).to(device)
             y2 = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
-            yb = (y2 > 0).long()  # lung (2: infected lung, which weighs more)
+            # lung (2: infected lung, which weighs more); with the infection class, 3 classes
+            yb = y2.long() if cfg.infection else (y2 > 0).long()
             w = 1.0 + cfg.infection_weight * (y2 == 2).float()
             if cfg.boundary_weight > 0:
                 lung = (y2 > 0).float()[:, None]
@@ -332,7 +384,7 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
             losses.append(float(loss.item()))
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
         net.eval()
-        val = validate(torch_predictor(net, device), data, val_idx, cfg.size)
+        val = validate(torch_predictor(net, device), data, val_idx, cfg.size, cfg.infection)
         score = val["val_score"]
         row = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
                "seconds": round(time.perf_counter() - t0, 1),
@@ -342,8 +394,9 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
         best = max(best, score)
         save_checkpoint(run, net, opt, sched, rng, epoch + 1, best, history, asdict(cfg),
                         splits, improved)
-        log.info("epoch %d: loss %.4f, validation lung Dice %.4f, infection inside %.4f%s, "
-                 "%.0f s", epoch + 1, row["loss"], val["val_dice_lung"], val["val_inside"],
+        log.info("epoch %d: loss %.4f, validation lung Dice %.4f, infection inside %.4f, "
+                 "infection Dice %s%s, %.0f s", epoch + 1, row["loss"], val["val_dice_lung"],
+                 val["val_inside"], row.get("val_dice_infection", "-"),
                  " *best*" if improved else "", row["seconds"])
     return run
 
@@ -391,7 +444,7 @@ def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
         "version": cfg.version,
         "task": "lungs",
         "sha256": file_sha256(onnx_path),
-        "labels": list(LABELS),
+        "labels": list(labels_of(cfg)),
         "framework": {"trained_with": f"torch {torch.__version__}, MONAI BasicUNet 2D",
                       "served_with": f"onnxruntime (opset 17; checked with onnxruntime "
                                      f"{ort.__version__})"},
