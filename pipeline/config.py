@@ -445,6 +445,13 @@ class LungTrainConfig:
     # a model folder whose ONNX weights start the training (the lung model: same network; its
     # lung row of the last layer also starts the infection row)
     init_from: str | None = None
+    # annotated lesion slices (the semiseg layout: lung-cropped, GGO / consolidation) made into
+    # the recipe as they are; they teach the infection class only (their lung is not
+    # annotated).  Only the cases the model folder ``lesion_slices_of`` lists as seen in its
+    # training or validation are used, so that its held-out slices stay held out
+    lesion_slices: str | None = None
+    lesion_slices_of: str | None = None
+    lesion_fraction: float = 0.2  # share of samples drawn from them
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: all cores
 

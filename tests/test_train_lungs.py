@@ -132,6 +132,83 @@ def test_tiny_lung_infection_training_starts_from_a_lung_model_and_serves(tmp_pa
     assert not (masks.infection.array.astype(bool) & ~masks.mask()).any()
 
 
+def _semiseg_folder(root: Path, n: int = 3) -> Path:
+    from PIL import Image
+
+    (root / "Imgs").mkdir(parents=True)
+    (root / "GT").mkdir()
+    for i in range(n):
+        img = np.full((120, 100), 215, np.uint8)
+        img[10:60, 10:90] = 40 + 5 * i  # "lungs"; each slice its own fingerprint
+        gt = np.zeros_like(img)
+        gt[20:40, 30:50] = 1 + i % 2  # ground glass or consolidation
+        Image.fromarray(img).save(root / "Imgs" / f"{i}.jpg", quality=95)
+        Image.fromarray(gt).save(root / "GT" / f"{i}.png")
+    return root
+
+
+def test_lesion_slices_train_only_the_infection_and_only_the_allowed_cases(tmp_path: Path) -> None:
+    """Annotated lesion slices join the infection training; only those the named model was
+    trained on are used (its held-out slices stay held out), and the export lists them as
+    seen so that evaluation leaves them out."""
+    from pipeline.train.dataset import import_semiseg
+    from pipeline.train.lungs import export_lung_model, lesion_slices, train
+
+    semi = _semiseg_folder(tmp_path / "semi")
+    recs, _ = import_semiseg(semi, tmp_path / "probe")
+    allowed = sorted(r.fingerprint for r in recs[:2])
+    of = tmp_path / "lesion-model"
+    of.mkdir()
+    (of / "model.yaml").write_text(yaml.safe_dump(
+        {"training_data": {"seen_fingerprints": allowed}}), encoding="utf-8")
+    img, mask, fps = lesion_slices(semi, of)
+    assert sorted(fps) == allowed and img.shape == mask.shape == (2, 256, 256)
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2} and (mask == 1).any()
+    (of / "model.yaml").write_text(yaml.safe_dump({"training_data": {}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="held-out"):
+        lesion_slices(semi, of)
+    (of / "model.yaml").write_text(yaml.safe_dump(
+        {"training_data": {"seen_fingerprints": allowed}}), encoding="utf-8")
+    data = _ma20_folder(tmp_path / "ma20")
+    cfg = LungTrainConfig(ma20=str(data), negatives_from=(), out=str(tmp_path / "run"),
+                          size=32, features=(4, 4, 8, 8, 16, 4), batch_size=4, epochs=1,
+                          iterations_per_epoch=3, threads=1, test_groups=1, val_groups=1,
+                          infection=True, lesion_slices=str(semi), lesion_slices_of=str(of),
+                          lesion_fraction=0.5)
+    run = train(cfg)
+    h = json.loads((run / "history.json").read_text())[0]
+    assert np.isfinite(h["loss"])
+    export_lung_model(run, tmp_path / "out", "last")
+    doc = yaml.safe_load((tmp_path / "out" / "model.yaml").read_text())
+    assert set(allowed) <= set(doc["training_data"]["seen_fingerprints"])
+    assert doc["training_data"]["lesion_slices"].startswith("2 of ")
+
+
+def test_mixed_loss_counts_lesion_slices_as_infection_or_not() -> None:
+    import torch
+    from monai.losses import DiceLoss
+
+    from pipeline.train.lungs import SEMI_IGNORE, _mixed_loss
+
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)
+    logits = torch.zeros(2, 3, 4, 4)
+    y = torch.zeros(2, 4, 4, dtype=torch.long)
+    w = torch.ones(2, 4, 4)
+    semi = torch.tensor([False, True])
+    # the lesion slice: all pixels "not infection"; uniform logits give log(3/2) each
+    y[1] = 0
+    base = float(_mixed_loss(torch, logits, y, w, semi, dice))
+    # a confident "lung" on the lesion slice's non-lesion pixels costs nothing there
+    sure = logits.clone()
+    sure[1, 1] = 20.0
+    assert float(_mixed_loss(torch, sure, y, w, semi, dice)) < base
+    # ignored pixels count nothing, whatever the network says
+    y[1] = SEMI_IGNORE
+    a = float(_mixed_loss(torch, logits, y, w, semi, dice))
+    b = float(_mixed_loss(torch, sure, y, w, semi, dice))
+    assert a == pytest.approx(b)
+
+
 def test_init_from_copies_the_lung_row_into_the_infection_row(tmp_path: Path) -> None:
     import torch
 

@@ -441,7 +441,7 @@ def infection_predictor(model_dir: str | Path, config: LesionsConfig,
     glass)."""
     from ..inference import LungModelLesionDetector, drop_small_2d, kind_by_density
     from ..lungs import LearnedLungSegmenter
-    from ..representation import ma20_input, resize2d
+    from ..representation import ma20_input, resize2d, square_to_slice
 
     base = replace(lungs or LungsConfig(), method="model", model=str(model_dir),
                    cross_check=False)
@@ -462,7 +462,8 @@ def infection_predictor(model_dir: str | Path, config: LesionsConfig,
             except NotAnalysable:
                 inf = np.zeros(region.shape, bool)
         else:  # a lung-cropped HU slice: the crop made into the recipe, as if full-field
-            inf = seg.infection_recipe(ma20_input(case.hu))
+            sq = seg.infection_recipe(ma20_input(case.hu)).astype(np.float32)
+            inf = np.stack([square_to_slice(q, region.shape[1:]) >= 0.5 for q in sq])
         if inf.shape != region.shape:
             inf = np.asarray(resize2d(inf.astype(np.uint8), region.shape[1:], linear=False),
                              dtype=bool)

@@ -105,6 +105,49 @@ def split_groups(groups: list[str], cfg: LungTrainConfig) -> dict[str, list[str]
     return {"train": train, "val": val, "test": test}
 
 
+SEMI_IGNORE = 2  # in the lesion slices' masks: 0 no lesion, 1 lesion, 2 ignore
+
+
+def lesion_slices(src: Path, seen_of: Path) -> tuple[U8, U8, list[str]]:
+    """The annotated lesion slices of ``src`` (semiseg layout) that the model ``seen_of``
+    was trained or validated on, made into the recipe: (images (N, 256, 256) uint8, masks
+    (N, 256, 256) 0 / 1 lesion / 2 ignore, their fingerprints).  The crop is the whole
+    image, padded square as the recipe pads a slice."""
+    import tempfile
+
+    import yaml
+
+    from ..representation import square_pad
+    from .dataset import IGNORE, import_semiseg, read_dataset, write_manifest
+
+    doc = yaml.safe_load((Path(seen_of) / "model.yaml").read_text(encoding="utf-8"))
+    allowed = set((doc.get("training_data") or {}).get("seen_fingerprints") or [])
+    if not allowed:
+        raise ValueError(f"lesion_slices_of {seen_of}: its model.yaml lists no "
+                         "seen_fingerprints; the held-out slices could not be kept out")
+    imgs, masks, fps = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        recs, _ = import_semiseg(Path(src), Path(tmp))
+        write_manifest(Path(tmp), recs, {})
+        ds = read_dataset(tmp)
+        for rec in ds.records:
+            if rec.fingerprint not in allowed:
+                continue
+            case = ds.load(rec)
+            imgs.append(ma20_input(case.hu.astype(np.float32))[0])
+            lab = case.label[0]
+            m = np.where(lab == IGNORE, SEMI_IGNORE, lab > 0).astype(np.uint8)
+            side, r0, c0 = square_pad(m.shape)
+            sq = np.zeros((side, side), np.uint8)
+            sq[r0:r0 + m.shape[0], c0:c0 + m.shape[1]] = m
+            masks.append(np.asarray(resize2d(sq, (SIZE, SIZE), linear=False), np.uint8))
+            fps.append(rec.fingerprint)
+    if not imgs:
+        raise ValueError(f"lesion_slices {src}: none of its slices is among those "
+                         f"{seen_of} was trained on")
+    return np.stack(imgs), np.stack(masks), fps
+
+
 def load_training_data(cfg: LungTrainConfig, cache: Path) -> dict[str, Any]:
     """All arrays, cached as one npz in the run folder (rebuilt when absent)."""
     if cache.is_file():
@@ -114,9 +157,15 @@ def load_training_data(cfg: LungTrainConfig, cache: Path) -> dict[str, Any]:
     negs = [negative_slices(Path(p)) for p in cfg.negatives_from]
     neg = np.concatenate(negs) if negs else np.zeros((0, SIZE, SIZE), np.uint8)
     data = {"img": img, "lung": lung, "inf": inf, "groups": np.array(groups), "neg": neg}
-    np.savez_compressed(cache, img=img, lung=lung, inf=inf, groups=np.array(groups), neg=neg)
-    log.info("training data: %d ma20 slices in %d groups, %d negative slices", len(img),
-             len(set(groups)), len(neg))
+    if cfg.lesion_slices:
+        if not cfg.lesion_slices_of:
+            raise ValueError("lesion_slices needs lesion_slices_of (the model whose "
+                             "training slices they may be)")
+        si, sm, sf = lesion_slices(Path(cfg.lesion_slices), Path(cfg.lesion_slices_of))
+        data.update(semi_img=si, semi_mask=sm, semi_fp=np.array(sf))
+    np.savez_compressed(cache, **data)  # type: ignore[arg-type]
+    log.info("training data: %d ma20 slices in %d groups, %d negative slices, %d lesion "
+             "slices", len(img), len(set(groups)), len(neg), len(data.get("semi_img", ())))
     return data
 
 
@@ -177,6 +226,20 @@ class Augment:
 
     def __call__(self, img: U8, mask: U8) -> tuple[npt.NDArray[np.float32], U8]:
         """Image in 0..1 and labels at ``size``; ``mask`` may carry 2 (infected lung)."""
+        x, yy = self.warp(img, mask)
+        lung = shrink_mask((yy > 0).astype(np.uint8), self.size)
+        inf = shrink_mask((yy == 2).astype(np.uint8), self.size)
+        return x, np.asarray(lung + (inf & lung), np.uint8)
+
+    def lesion(self, img: U8, mask: U8) -> tuple[npt.NDArray[np.float32], U8]:
+        """A lesion slice: image and mask (0, 1 lesion, 2 ignore) at ``size``."""
+        x, yy = self.warp(img, mask)
+        les = shrink_mask((yy == 1).astype(np.uint8), self.size)
+        ign = shrink_mask((yy == SEMI_IGNORE).astype(np.uint8), self.size)
+        return x, np.where(ign > 0, SEMI_IGNORE, les).astype(np.uint8)
+
+    def warp(self, img: U8, mask: U8) -> tuple[npt.NDArray[np.float32], U8]:
+        """Image in 0..1 at ``size`` and the mask warped alike on the 256 grid."""
         import cv2
 
         rng = self.rng
@@ -196,10 +259,7 @@ class Augment:
             x = cv2.GaussianBlur(np.ascontiguousarray(x, np.float32), (0, 0), rng.uniform(0.5, 1.2))
         x = x + rng.standard_normal(x.shape) * rng.uniform(0, 0.03)
         x = resize2d(np.ascontiguousarray(x, np.float32), (self.size, self.size))
-        yy = np.ascontiguousarray(y)
-        lung = shrink_mask((yy > 0).astype(np.uint8), self.size)
-        inf = shrink_mask((yy == 2).astype(np.uint8), self.size)
-        return np.asarray(np.clip(x, 0, 1), np.float32), np.asarray(lung + (inf & lung), np.uint8)
+        return np.asarray(np.clip(x, 0, 1), np.float32), np.ascontiguousarray(y)
 
 
 def shrink_mask(mask: U8, size: int) -> U8:
@@ -344,6 +404,7 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
     if resume and last.is_file():
         start, best, history = restore_checkpoint(last, net, opt, sched, rng, total, device)
     empty = np.zeros((SIZE, SIZE), np.uint8)
+    n_semi = len(data["semi_img"]) if "semi_img" in data and cfg.infection else 0
     for epoch in range(start, cfg.epochs):
         net.train()
         t0 = time.perf_counter()
@@ -351,9 +412,15 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
         bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    leave=False, mininterval=5.0)
         for _ in bar:
-            xs, ys = [], []
+            xs: list[npt.NDArray[np.float32]] = []
+            ys: list[U8] = []
+            semi: list[bool] = []
             for _ in range(cfg.batch_size):
-                if len(neg) and rng.random() < cfg.negative_fraction:
+                if n_semi and rng.random() < cfg.lesion_fraction:
+                    j = int(rng.integers(n_semi))
+                    x, y = aug.lesion(data["semi_img"][j], data["semi_mask"][j])
+                    semi.append(True)
+                elif len(neg) and rng.random() < cfg.negative_fraction:
                     x, y = aug(neg[int(rng.integers(len(neg)))], empty)
                 else:
                     i = int(train_idx[int(rng.integers(len(train_idx)))])
@@ -362,6 +429,8 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
                     if rng.random() < cfg.dense_fraction:
                         im, lab = paint_dense(im, lab, rng)
                     x, y = aug(im, lab)
+                if len(semi) < len(xs) + 1:
+                    semi.append(False)
                 xs.append(x)
                 ys.append(y)
             xb = torch.from_numpy(np.stack(xs)[:, None]).to(device)
@@ -375,8 +444,12 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
                                                       padding=cfg.boundary_px)[:, 0]
                 w = w + cfg.boundary_weight * ((near > 0) & (y2 == 0)).float()
             logits = net(xb)
-            ce = torch.nn.functional.cross_entropy(logits, yb, reduction="none")
-            loss = (ce * w).sum() / w.sum() + dice_loss(logits, yb[:, None])
+            if any(semi):
+                loss = _mixed_loss(torch, logits, yb, w, torch.tensor(semi, device=device),
+                                   dice_loss)
+            else:
+                ce = torch.nn.functional.cross_entropy(logits, yb, reduction="none")
+                loss = (ce * w).sum() / w.sum() + dice_loss(logits, yb[:, None])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -399,6 +472,31 @@ def train(cfg: LungTrainConfig, resume: bool = False) -> Path:
                  val["val_inside"], row.get("val_dice_infection", "-"),
                  " *best*" if improved else "", row["seconds"])
     return run
+
+
+def _mixed_loss(torch: Any, logits: Any, yb: Any, w: Any, semi: Any, dice_loss: Any) -> Any:
+    """A batch of ma20 samples (3 classes: the weighted cross-entropy + Dice) and lesion
+    slices (``semi``), whose lung is not annotated: there a lesion pixel is infection, any
+    other pixel is "not infection" (background or lung: the log of their summed
+    probability), an ignored pixel counts nothing."""
+    lp = torch.nn.functional.log_softmax(logits, dim=1)
+    full = ~semi
+    num = logits.new_zeros(())
+    den = logits.new_zeros(())
+    if bool(full.any()):
+        ce = torch.nn.functional.nll_loss(lp[full], yb[full], reduction="none")
+        num = num + (ce * w[full]).sum()
+        den = den + w[full].sum()
+    ys = yb[semi]
+    les = (ys == 1).float()
+    valid = (ys != SEMI_IGNORE).float()
+    nll = -(les * lp[semi][:, 2] + (1 - les) * torch.logsumexp(lp[semi][:, :2], dim=1))
+    num = num + (nll * valid).sum()
+    den = den + valid.sum()
+    loss = num / den.clamp(min=1.0)
+    if bool(full.any()):
+        loss = loss + dice_loss(logits[full], yb[full][:, None])
+    return loss
 
 
 # --------------------------------------------------------------------------- export
@@ -439,6 +537,8 @@ def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
     g = np.array([str(v) for v in data["groups"]])
     seen = sorted(fingerprint(data["img"][g == grp].astype(np.int16))
                   for grp in ck["splits"]["train"] + ck["splits"]["val"])
+    # the lesion slices it learnt from (their fingerprints as the semiseg import gives them)
+    seen += sorted(str(f) for f in data.get("semi_fp", ()))
     doc: dict[str, Any] = {
         "name": cfg.name,
         "version": cfg.version,
@@ -471,6 +571,9 @@ def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
             "negatives_from": list(cfg.negatives_from),
             "slices": len(data["img"]),
             "negative_slices": len(data["neg"]),
+            "lesion_slices": (f"{len(data['semi_img'])} of {cfg.lesion_slices} (those "
+                              f"{cfg.lesion_slices_of} was trained or validated on)"
+                              if "semi_img" in data else None),
             "splits": ck["splits"],
             # the ma20 volume cases (as `ctscreen data import --ma20` stores them) seen in
             # training or validation: `ctscreen evaluate --task lungs` leaves them out
