@@ -3,6 +3,7 @@
     .venv/bin/python bench/models.py [--shared-data DIR] [--repeat N] [--json OUT]
                                      [--providers CUDAExecutionProvider ...]
                                      [--lesion-model models/NAME]
+                                     [--lung-infection-model models/NAME]
 
 Reads LIDC-IDRI-0314 (275 slices of 512x512) once, loads both flows once (models stay
 loaded) and, ``--repeat`` times in turn, times:
@@ -12,6 +13,10 @@ loaded) and, ``--repeat`` times in turn, times:
 - the whole study (selection to the DICOM result objects, no write-back) with the learned
   flow (learned lungs and ``--lesion-model``), with the embedded defaults, and with the
   classical flow (``lungs.method: classical``, ``lesions.detector: density``).
+
+With ``--lung-infection-model`` (a lung model with the infection class), also the flow in
+which that one network gives lungs and lesions (``lesions.detector: lung-model``): the network
+with its lesion step ("one network") and the whole study with it.
 
 Prints medians and the ratios (learned / classical) measured in this one run: a benchmark,
 it never fails on a slow machine.  The onnxruntime provider and the CPU count are printed.
@@ -53,6 +58,8 @@ def main() -> int:
     p.add_argument("--providers", nargs="*", default=[])
     p.add_argument("--lesion-model", default=Config().lesions.model,
                    help="the lesion model of the learned flow (default: the configured one)")
+    p.add_argument("--lung-infection-model", default=None,
+                   help="a lung model with the infection class: also time the one-network flow")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     src = args.shared_data / "chest-ct" / "lidc-idri-0314"
@@ -69,6 +76,14 @@ def main() -> int:
     classical_cfg = dataclasses.replace(
         base, lungs=dataclasses.replace(base.lungs, method="classical"),
         lesions=dataclasses.replace(base.lesions, detector="density"))
+    one = None
+    if args.lung_infection_model:
+        one_cfg = dataclasses.replace(
+            base, lungs=dataclasses.replace(base.lungs, method="model", providers=prov,
+                                            model=args.lung_infection_model),
+            lesions=dataclasses.replace(base.lesions, detector="lung-model"))
+        one = Stages.load(one_cfg)
+        one_bare = LearnedLungSegmenter(dataclasses.replace(one_cfg.lungs, cross_check=False))
     learned = Stages.load(learned_cfg)
     classical = Stages.load(classical_cfg)
     default = Stages.load(base)
@@ -89,6 +104,8 @@ def main() -> int:
         "lung model", "cross-check (classical, coarse)", "lesion model", "both models",
         "classical lungs", "density lesions", "classical stages",
         "whole study, learned", "whole study, default", "whole study, classical")}
+    if one is not None:
+        fig.update({"one network (lungs + lesions)": [], "whole study, one network": []})
     for _ in range(args.repeat):
         t_l, lungs = _t(bare, ct)
         t_x, _ = _t(cross, ct)
@@ -98,6 +115,12 @@ def main() -> int:
         t_wl, (res_l, _) = _t(screen_study, study, archive, learned)
         t_wc, (res_c, _) = _t(screen_study, study, archive, classical)
         t_wd, (res_d, _) = _t(screen_study, study, archive, default)
+        if one is not None:
+            t_o, olungs = _t(one_bare, ct)
+            t_ol, _ = _t(one.lesions, ct, olungs)
+            t_wo, (res_o, _) = _t(screen_study, study, archive, one)
+            fig["one network (lungs + lesions)"].append(t_o + t_ol)
+            fig["whole study, one network"].append(t_wo)
         for k, v in (("lung model", t_l), ("cross-check (classical, coarse)", t_x),
                      ("lesion model", t_m), ("both models", t_l + t_m),
                      ("classical lungs", t_c), ("density lesions", t_d),
@@ -111,6 +134,11 @@ def main() -> int:
     ratio = round(med["whole study, learned"] / med["whole study, classical"], 2)
     ratio_d = round(med["whole study, default"] / med["whole study, classical"], 2)
     print(f"whole study learned / classical: {ratio}; default / classical: {ratio_d}")
+    if one is not None:
+        r1 = round(med["whole study, one network"] / med["whole study, classical"], 2)
+        print(f"whole study one network / classical: {r1}; one-network flow result: "
+              f"{res_o.status.value}, involvement {res_o.involved_pct}, pattern "
+              f"{res_o.pattern}, warnings {res_o.warnings}")
     print(f"learned flow result: {res_l.status.value}, involvement {res_l.involved_pct}, "
           f"pattern {res_l.pattern}, warnings {res_l.warnings}")
     print(f"classical flow result: {res_c.status.value}, involvement {res_c.involved_pct}, "
@@ -122,6 +150,7 @@ def main() -> int:
         args.json.write_text(json.dumps({"seconds": med, "learned_over_classical": ratio,
                                          "default_over_classical": ratio_d,
                                          "lesion_model": args.lesion_model,
+                                         "lung_infection_model": args.lung_infection_model,
                                          "provider": provider, "cpu_cores": os.cpu_count(),
                                          "repeat": args.repeat}, indent=2))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,19 @@ needs_model = pytest.mark.skipif(not (MODEL / "model.yaml").is_file(),
                                  reason=f"no trained lung model at {MODEL}")
 
 
-@pytest.fixture(scope="module")
-def learned() -> LearnedLungSegmenter:
-    if not (MODEL / "model.yaml").is_file():
-        pytest.skip(f"no trained lung model at {MODEL}")
-    seg = segmenter_for(LungsConfig(method="model", model=str(MODEL), cross_check=False))
+# the lung model with an infection class (lesions.detector lung-model) must hold the same
+# lung checks on real CT; it is the slow tier's
+INFECTION_MODEL = MODEL.parent / "ctscreen-lungs-infection-unet2d"
+
+
+@pytest.fixture(scope="module", params=[MODEL, pytest.param(INFECTION_MODEL,
+                                                            marks=pytest.mark.slow)],
+                ids=["lungs", "lungs-infection"])
+def learned(request: pytest.FixtureRequest) -> LearnedLungSegmenter:
+    model = request.param
+    if not (model / "model.yaml").is_file():
+        pytest.skip(f"no trained lung model at {model}")
+    seg = segmenter_for(LungsConfig(method="model", model=str(model), cross_check=False))
     assert isinstance(seg, LearnedLungSegmenter)
     return seg
 
@@ -111,10 +120,14 @@ def lidc(shared_data: Path) -> Volume:
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_lidc_lungs_left_is_left_in_any_orientation(learned, lidc) -> None:  # type: ignore[no-untyped-def]
+def test_lidc_lungs_left_is_left_in_any_orientation(learned, lidc, request) -> None:  # type: ignore[no-untyped-def]
     """Real CT: both lungs, plausible volumes, right lung at smaller LPS x; the same series
     stored mirrored (columns reversed, affine adjusted) gives the mirrored labels: left
     stays left."""
+    if learned.infection:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
+            "known limit of ctscreen-lungs-infection-unet2d 1.0.0: without the cross-check it "
+            "leaves part of LIDC-IDRI-0314's opacified right upper lobe out (right lung 927 ml)")))
     masks = learned(lidc)
     lab = masks.labels.array
     ml = {s: np.count_nonzero(lab == LUNG_LABELS[s]) * lidc.voxel_volume_ml for s in Side}
@@ -166,8 +179,7 @@ def test_abdominal_j2k_series_marks_under_1ml_per_lungless_slice(learned, shared
     from pipeline.train.dataset import read_dicom_series
 
     ct = read_dicom_series(shared_data / "codecs" / "j2k-lossless-series")[0]
-    seg = LearnedLungSegmenter(LungsConfig(method="model", model=str(MODEL),
-                                           min_lung_volume_ml=0.0))
+    seg = LearnedLungSegmenter(replace(learned.config, min_lung_volume_ml=0.0))
     lab = seg(ct).labels.array
     classical = ClassicalLungSegmenter(LungsConfig(min_lung_volume_ml=0.0))(ct).labels.array
     empty = np.nonzero(~(classical > 0).any(axis=(1, 2)))[0]

@@ -571,6 +571,7 @@ def export_lung_model(run: Path, out: Path, checkpoint: str = "best",
             "negatives_from": list(cfg.negatives_from),
             "slices": len(data["img"]),
             "negative_slices": len(data["neg"]),
+            "init_from": cfg.init_from,
             "lesion_slices": (f"{len(data['semi_img'])} of {cfg.lesion_slices} (those "
                               f"{cfg.lesion_slices_of} was trained or validated on)"
                               if "semi_img" in data else None),
@@ -611,6 +612,31 @@ def lung_model_card(doc: dict[str, Any]) -> str:
                      if inside.get("value") is not None else "n/a")
             rows.append(f"| {key} | {rep.get('segmenter', '')} | {rep.get('cases', '')} "
                         f"({cases}) | {m.get('value')} | {lo} - {hi} | {share} |")
+    lesion_rows = []
+    for key, rep in doc.get("metrics", {}).items():
+        if rep.get("task") != "lesions":
+            continue
+        m = rep.get("metrics", {})
+
+        def cell(name: str, m: dict[str, Any] = m) -> str:
+            v = m.get(name, {})
+            if v.get("value") is None:
+                return "n/a"
+            lo, hi = v.get("ci95", [None, None])
+            if lo is None:
+                return f"{v['value']:.3f}"
+            return f"{v['value']:.3f} ({lo:.3f}-{hi:.3f})"
+
+        lesion_rows.append(
+            f"| {key} | {rep.get('cases', '')} | {cell('dice_lesion')} | "
+            f"{cell('dice_consolidation')} | {cell('lesion_sensitivity')} | "
+            f"{cell('fp_per_slice')} | {rep.get('gt_lesion_pixels_in_region')} |")
+    lesion_table = ([
+        "## Its infection class as the lesion detector (`lesions.detector: lung-model`; "
+        "95% CI, bootstrap over cases)", "",
+        "| data | cases | lesion Dice | consolidation Dice | lesion sensitivity | false "
+        "positives per slice | true lesion pixels in the region |",
+        "|---|---|---|---|---|---|---|", *lesion_rows, ""] if lesion_rows else [])
     return "\n".join([
         f"# Model card: {doc['name']} {doc['version']}", "",
         "## What it does", "",
@@ -622,7 +648,12 @@ def lung_model_card(doc: dict[str, Any]) -> str:
         "(pipeline/representation.py), run on slices about "
         f"{doc['preprocessing']['z_step_mm']} mm apart with the probabilities interpolated in "
         "between; right and left are decided by patient geometry (LPS x against the body's "
-        "midline), never by array index.  Served by ONNX Runtime.", "",
+        "midline), never by array index.  Served by ONNX Runtime."
+        + ("  A third class marks **infected lung** (ground glass and consolidation of "
+           "COVID-19 pneumonia, the ma20 infection masks): with `lesions.detector: lung-model` "
+           "the one network gives the lesions too, their kind decided by the density "
+           "(`lesions.model_consolidation_hu`)." if "infection" in doc.get("labels", []) else ""),
+        "",
         "## Intended use", "",
         "- The lung region in which ctscreen measures involvement and looks for lesions.",
         "- Not for lobar anatomy, not for children, not for diagnosis.", "",
@@ -633,15 +664,20 @@ def lung_model_card(doc: dict[str, Any]) -> str:
         f"held-out test {td['splits']['test']}.",
         f"- {td['negative_slices']} slices without lung (upper abdomen) from "
         f"{', '.join(Path(p).name for p in td['negatives_from'])}, empty masks.",
+        *([f"- Annotated lesion slices for the infection class only: {td['lesion_slices']}."]
+          if td.get("lesion_slices") else []),
+        *([f"- Started from the weights of {td['init_from']}."] if td.get("init_from") else []),
         f"- Training time: {td['seconds']:.0f} s of epochs ({td['epochs']} epochs, "
         f"{td['checkpoint']}) on 2 shared CPU cores.", "",
         "## Evaluation (95% CI, bootstrap over cases)", "",
         "| data | segmenter | cases | lung Dice, pooled | 95% CI | true infection inside "
         "(95% CI) |", "|---|---|---|---|---|---|",
         *rows, "",
+        *lesion_table,
         *[f"- {n}" for n in doc.get("notes", [])], "",
         "## Limits", "",
-        "- 2D: each slice on its own; the 128-pixel grid (about 2.8 mm for a 360 mm field) "
+        f"- 2D: each slice on its own; the {doc['preprocessing']['network_size']}-pixel grid "
+        f"(about {360 / doc['preprocessing']['network_size']:.1f} mm for a 360 mm field) "
         "smooths the boundary; thin structures at the hilum are approximate.",
         "- Trained on 8 + several Radiopaedia COVID-19 volumes and one patient's abdomen: "
         "the held-out test is two patients; the maintainers judge it on further cases.",
