@@ -507,11 +507,20 @@ class LungModelLesionDetector:
         t0 = time.perf_counter()
         sp = ct.spacing
         inf = (np.asarray(lungs.infection.array) > 0) & lungs.mask()
-        sub = drop_small_2d(inf.astype(np.uint8), self.MIN_LESION_MM2 / (sp[1] * sp[2]))
-        if self.consolidation_hu is not None:
-            labels = kind_by_density(sub, ct.array, (sp[1], sp[2]), self.consolidation_hu)
-        else:
-            labels = sub
+        labels = infection_lesions(inf, ct.array, (sp[1], sp[2]), self.consolidation_hu)
         log.info("lesions: the infection class of %s on %d slices in %.2f s", lungs.method,
                  ct.shape[0], time.perf_counter() - t0)
         return ct.with_array(np.asarray(labels, dtype=np.uint8))
+
+
+def infection_lesions(infection: npt.NDArray[np.bool_], hu: npt.NDArray[Any] | None,
+                      spacing_rc: tuple[float, float], consolidation_hu: float | None
+                      ) -> npt.NDArray[np.uint8]:
+    """Lesion labels (K, H, W) of an infected-lung mask already cut to the region: pieces
+    under ``LungModelLesionDetector.MIN_LESION_MM2`` per slice dropped, the kind by density
+    where ``hu`` and ``consolidation_hu`` are given, else all ground glass."""
+    sub = drop_small_2d(infection.astype(np.uint8),
+                        LungModelLesionDetector.MIN_LESION_MM2 / (spacing_rc[0] * spacing_rc[1]))
+    if consolidation_hu is None or hu is None:
+        return sub
+    return kind_by_density(sub, hu, spacing_rc, consolidation_hu)

@@ -778,8 +778,6 @@ class LearnedLungSegmenter:
             )
         t1 = time.perf_counter()
         warnings = self._cross_check(ct, full)
-        if infection is not None:  # dense lung the cross-check added stays lung only
-            infection &= (full > 0)
         masks = LungMasks(labels=ct.with_array(full), method=self.method,
                           infection=None if infection is None else ct.with_array(infection))
         log.info("lungs: %.0f ml (right %.0f, left %.0f) by %s in %.2f s (cross-check %.2f s)",

@@ -439,7 +439,7 @@ def infection_predictor(model_dir: str | Path, config: LesionsConfig,
     inside the case's region, pieces under 20 mm2 per slice dropped, the kind by density
     where the case holds HU (an ma20 case has no kind truth: its lesions count as ground
     glass)."""
-    from ..inference import LungModelLesionDetector, drop_small_2d, kind_by_density
+    from ..inference import infection_lesions
     from ..lungs import LearnedLungSegmenter
     from ..representation import ma20_input, resize2d, square_to_slice
 
@@ -467,12 +467,8 @@ def infection_predictor(model_dir: str | Path, config: LesionsConfig,
         if inf.shape != region.shape:
             inf = np.asarray(resize2d(inf.astype(np.uint8), region.shape[1:], linear=False),
                              dtype=bool)
-        sub = drop_small_2d((inf & region).astype(np.uint8),
-                            LungModelLesionDetector.MIN_LESION_MM2
-                            / (rec.spacing_rc[0] * rec.spacing_rc[1]))
-        if config.model_consolidation_hu is not None and rec.intensity == "hu":
-            return kind_by_density(sub, case.hu, rec.spacing_rc, config.model_consolidation_hu)
-        return sub
+        return infection_lesions(inf & region, case.hu if rec.intensity == "hu" else None,
+                                 rec.spacing_rc, config.model_consolidation_hu)
 
     return run, seg.spec
 
