@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ from .run import Stages, analyse_study, analysed_result
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Screening", "detect_lesions", "run_batch", "screen", "segment_lungs"]
+__all__ = ["Screening", "detect_lesions", "nightly", "run_batch", "run_site", "screen",
+           "segment_lungs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,34 +152,142 @@ def run_batch(
     folder) into its worklist, results written back through the outbox: ``ctscreen run``.
     ``workers`` processes (default ``batch.workers``; 0 screens in this process) or a Dask
     ``scheduler``.  ``progress`` is called with the ``BatchSummary`` so far once the studies
-    are found and after each study.  Returns the run's ``BatchSummary``."""
-    from .batch import run_batch as batch
+    are found and after each study.  Returns the run's ``BatchSummary``.
+
+    An archive that a site of the config's ``sites:`` lists is screened as that site's (its
+    selection rules, its results destination, its studies known by site and UID)."""
+    cfg = _config(config)
+    site = cfg.site_of(archive)
+    if site:
+        wl_path = sites_worklist_path(None if worklist is None else str(worklist), cfg)
+    else:
+        wl_path = worklist_path(archive, None if worklist is None else str(worklist), cfg)
+    plan = [(site, [archive], window or QueryWindow.since(since))]
+    return _execute(cfg, plan, wl_path, force=force, workers=workers, scheduler=scheduler,
+                    progress=progress)[0]
+
+
+def run_site(
+    site: str,
+    config: Config | str | Path | None = None,
+    *,
+    worklist: str | Path | None = None,
+    since: date | None = None,
+    window: QueryWindow | None = None,
+    force: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: Callable[[Any], None] | None = None,
+) -> Any:
+    """``ctscreen run --site NAME``: screen the studies of one site of the config's
+    ``sites:`` (all its archives) into the sites' worklist.  ``since`` / ``window`` are read
+    on the site's clock (its ``timezone``); without them every study is looked at, as
+    ``ctscreen run`` does.  Returns the site's ``BatchSummary``."""
+    cfg = _config(config)
+    sc = cfg.site(site)
+    wl_path = sites_worklist_path(None if worklist is None else str(worklist), cfg)
+    plan = [(site, list(sc.archives), window or QueryWindow.since(since))]
+    return _execute(cfg, plan, wl_path, force=force, workers=workers, scheduler=scheduler,
+                    progress=progress)[0]
+
+
+def nightly(
+    config: Config | str | Path | None = None,
+    *,
+    worklist: str | Path | None = None,
+    sites: list[str] | None = None,
+    force: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: Callable[[Any], None] | None = None,
+    until: datetime | None = None,
+) -> list[Any]:
+    """``ctscreen nightly``: every site of the config's ``sites:`` (or those named) in one
+    batch: each site's studies of its last ``window_hours`` on its own clock, interleaved
+    by weighted round-robin; a site whose archive does not answer is tried again every
+    ``batch.site_retry_s`` until ``batch.site_give_up_s`` while the others go on.  The
+    night ends ``until`` (default now; a time without a zone is read on each site's own
+    clock).  Returns one ``BatchSummary`` per site."""
+    from .batch import Retry
+
+    cfg = _config(config)
+    if not cfg.sites:
+        raise CtscreenError("ctscreen nightly needs sites: in the config (docs/sites.md)")
+    names = list(cfg.sites) if not sites else sites
+    for name in names:
+        cfg.site(name)
+    plan = [(name, list(cfg.sites[name].archives), site_window(cfg.sites[name], until))
+            for name in names]
+    wl_path = sites_worklist_path(None if worklist is None else str(worklist), cfg)
+    retry = Retry(cfg.batch.site_retry_s, cfg.batch.site_give_up_s)
+    return _execute(cfg, plan, wl_path, force=force, workers=workers, scheduler=scheduler,
+                    progress=progress, retry=retry)
+
+
+def site_window(site: Any, until: datetime | None = None) -> QueryWindow:
+    """The site's last ``window_hours`` up to ``until`` (default: now), on the site's clock
+    (StudyDate and StudyTime are the hospital's local time), as naive local date-times.  An
+    ``until`` without a zone is already a time on the site's clock."""
+    from zoneinfo import ZoneInfo
+
+    if until is not None and until.tzinfo is None:
+        end = until
+    else:
+        aware = until or datetime.now(UTC)
+        local = (aware.astimezone(ZoneInfo(site.timezone)) if site.timezone
+                 else aware.astimezone())
+        end = local.replace(tzinfo=None)
+    return QueryWindow(end - timedelta(hours=site.window_hours), end)
+
+
+def _execute(
+    cfg: Config,
+    plan: list[tuple[str, list[str], QueryWindow]],
+    wl_path: Path,
+    *,
+    force: bool,
+    workers: int | None,
+    scheduler: str | None,
+    progress: Callable[[Any], None] | None,
+    retry: Any = None,
+) -> list[Any]:
+    """Run ``plan`` ((site, archive names, window) each) as one batch: the pool, the
+    worklist, the outbox and the state opened once."""
+    from .archive import open_archive
+    from .batch import SiteRun, run_sites
     from .outbox import Outbox
     from .state import StateStore
     from .workers import DaskPool, InProcessPool, Pool, ProcessPool
     from .worklist import Worklist
 
-    cfg = _config(config)
     if workers is not None and scheduler:
         raise CtscreenError("give workers or scheduler, not both")
     n = cfg.batch.workers if workers is None else workers
     if n < 0:
         raise CtscreenError(f"expected 0 or more workers, got {n}")
-    named = cfg.archives.get(archive)
-    if (named is not None and named.kind == "dimse" and named.retrieve == "c-move"
-            and (n > 1 or scheduler)):
-        raise CtscreenError(
-            f"archive {archive} retrieves by C-MOVE to one port ({named.move_port}): "
-            "use one worker, or C-GET / DICOMweb for several"
-        )
-    source = open_named(archive, cfg)
+    for _, names, _ in plan:
+        for archive in names:
+            named = cfg.archives.get(archive)
+            if (named is not None and named.kind == "dimse" and named.retrieve == "c-move"
+                    and (n > 1 or scheduler)):
+                raise CtscreenError(
+                    f"archive {archive} retrieves by C-MOVE to one port ({named.move_port}): "
+                    "use one worker, or C-GET / DICOMweb for several"
+                )
+    opened = {name: open_named(name, cfg) for _, names, _ in plan for name in names}
     # Loaded here even where workers screen: a model whose hash does not match stops the
     # run before any study is touched.
     stages = _stages(cfg)
-    wl_path = worklist_path(archive, None if worklist is None else str(worklist), cfg)
     state_target = cfg.batch.state_url or str(wl_path)
     cfg, views = batch_views(cfg, wl_path)
-    stages = dataclasses.replace(stages, views=views)
+    base = dataclasses.replace(stages, views=views)
+    runs = []
+    for site, names, window in plan:
+        sc = cfg.sites.get(site) if site else None
+        results = (open_archive(sc.results_archive, cfg.archive(sc.results_archive))
+                   if sc is not None and sc.results_archive else None)
+        runs.append(SiteRun(site, base.for_site(site), [(a, opened[a]) for a in names],
+                            window, results, sc.weight if sc is not None else 1))
     with (
         Worklist(wl_path) as wl,
         Outbox(outbox_path(wl_path, cfg), cfg.outbox) as ob,
@@ -186,14 +295,14 @@ def run_batch(
     ):
         pool: Pool
         if scheduler:
-            pool = DaskPool(scheduler, cfg, archive, state_target, stages.algorithm_version)
+            pool = DaskPool(scheduler, cfg, state_target, base.algorithm_version)
         elif n == 0:
-            pool = InProcessPool(stages, source, states)
+            pool = InProcessPool(base, opened, states, {r.site: r.stages for r in runs})
         else:
-            pool = ProcessPool(n, cfg, archive, state_target, stages.algorithm_version)
+            pool = ProcessPool(n, cfg, state_target, base.algorithm_version)
         try:
-            return batch(source, stages, wl, since=since, force=force, window=window,
-                         outbox=ob, states=states, pool=pool, progress=progress)
+            return run_sites(runs, wl, outbox=ob, states=states, pool=pool, force=force,
+                             progress=progress, retry=retry)
         finally:
             pool.close()
 
@@ -263,6 +372,16 @@ def worklist_path(archive: str | None, explicit: str | None, config: Config) -> 
         archive = a.path
     root = Path(archive).resolve()
     return root.with_name(root.name + ".ctscreen.sqlite")
+
+
+def sites_worklist_path(explicit: str | None, config: Config) -> Path:
+    """The worklist of the sites' runs: ``explicit``, else the configured path, else
+    ``./ctscreen-sites.sqlite``."""
+    if explicit:
+        return Path(explicit)
+    if config.worklist.path:
+        return Path(config.worklist.path)
+    return Path("ctscreen-sites.sqlite").resolve()
 
 
 def outbox_path(worklist: Path, config: Config) -> Path:

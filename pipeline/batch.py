@@ -35,8 +35,8 @@ from .errors import ArchiveError
 from .ingest import find_studies
 from .outbox import DELIVERED, Outbox
 from .run import Stages, timed
-from .state import Claim, Heartbeat, LeaseLost, State, StateStore, new_owner
-from .workers import InProcessPool, Outcome, Pool
+from .state import RETRY_REASONS, Claim, Heartbeat, LeaseLost, State, StateStore, new_owner
+from .workers import InProcessPool, Job, Outcome, Pool
 from .worklist import Worklist
 from .writeback import write_back
 
@@ -67,6 +67,9 @@ class BatchSummary:
     outbox_delivered: int = 0  # earlier results delivered from the outbox by this run
     outbox_pending: int = 0  # after the run: waiting for the archive
     outbox_refused: int = 0  # after the run: refused by the archive with a failure status
+    site: str = ""  # the hospital of a regional centre ('' for a plain run)
+    pending: int = 0  # found but left for the next run (its archive stopped answering)
+    unreachable: str = ""  # why its archive did not answer when the run gave up on it
 
     def add(self, result: ScreeningResult) -> None:
         self.by_status[result.status.value] += 1
@@ -91,6 +94,7 @@ class BatchSummary:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "site": self.site,
             "archive": self.archive,
             "window": self.window,
             "studies_found": self.studies_found,
@@ -110,6 +114,8 @@ class BatchSummary:
             "duration_s": round(self.duration_s, 2),
             "outputs_written": self.outputs_written,
             "stopped": self.stopped,
+            "pending": self.pending,
+            "unreachable": self.unreachable,
             "temporaries_removed": self.temporaries_removed,
             "outbox": {
                 "delivered_from_earlier_runs": self.outbox_delivered,
@@ -123,11 +129,17 @@ class BatchSummary:
         attention = self.by_status.get(Status.NOT_ANALYSED.value, 0) + self.by_status.get(
             Status.FAILED.value, 0
         )
+        where = f"site {self.site} ({self.archive})" if self.site else self.archive
         lines = [
-            f"ctscreen run on {self.archive} ({self.window}): {self.studies_found} studies "
+            f"ctscreen run on {where} ({self.window}): {self.studies_found} studies "
             f"found, {self.screened} screened now, {self.skipped_unchanged} already done, "
             f"in {self.duration_s:.0f} s",
         ]
+        if self.unreachable:
+            lines.append(f"  UNREACHABLE: {self.unreachable}; {self.pending} studies found "
+                         "wait for the next run" if self.studies_found else
+                         f"  UNREACHABLE: {self.unreachable}; no study could be found: the "
+                         "next run tries again")
         if self.stopped:
             lines.append(f"  STOPPED EARLY: {self.stopped}. Free disk space, then run again;")
             lines.append("  the studies not pulled are screened by the next run.")
@@ -168,6 +180,62 @@ class BatchSummary:
         return "\n".join(lines)
 
 
+@dataclass
+class SiteRun:
+    """One site's part of a run: its stages (with its selection rules), the archives its
+    studies are found in (``(name, archive)``: workers open an archive by its name), where
+    its results go (None: back to the archive each study came from), its query window and
+    its weight in the round-robin.  A plain ``ctscreen run`` is one SiteRun of site ''."""
+
+    site: str
+    stages: Stages
+    sources: list[tuple[str, Archive]]
+    window: QueryWindow = field(default_factory=QueryWindow)
+    results: Archive | None = None
+    weight: int = 1
+
+
+@dataclass
+class _Lane:
+    """A SiteRun while the run works on it."""
+
+    run: SiteRun
+    worklist: Worklist
+    states: StateStore
+    summary: BatchSummary
+    folders: list[Path]
+    outbox: Outbox | None
+    queue: deque[tuple[int, StudyRef, str]] = field(default_factory=deque)
+    found: list[str] = field(default_factory=list)  # UIDs of the studies found
+    ready: bool = False  # its studies are found
+    down: str = ""  # why its archive does not answer now ('' : it does)
+    retry_at: float = 0.0
+    credit: int = 0  # studies it may still take in its turn of the round-robin
+    tries: Counter[str] = field(default_factory=Counter)  # archive failures per study
+
+    @property
+    def site(self) -> str:
+        return self.run.site
+
+    def destination(self, source: str) -> Archive:
+        if self.run.results is not None:
+            return self.run.results
+        return dict(self.run.sources)[source]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """``ctscreen nightly``: a site whose archive does not answer is tried again every
+    ``every_s`` seconds until ``until_s`` after the start (0: never; a plain run stops at
+    the first archive error, as it always has)."""
+
+    every_s: float = 0.0
+    until_s: float = 0.0
+    # a study whose retrieval fails this often in one night is recorded as failed
+    # (archive-error) and tried again by the next run
+    max_tries: int = 3
+
+
 def run_batch(
     archive: Archive,
     stages: Stages,
@@ -179,6 +247,8 @@ def run_batch(
     states: StateStore | None = None,
     pool: Pool | None = None,
     progress: Progress | None = None,
+    site: str = "",
+    source: str | None = None,
 ) -> BatchSummary:
     """Screen the studies of ``window`` (or on or after ``since``); with an outbox, first
     deliver what earlier runs could not, and queue this run's results through it.
@@ -186,110 +256,285 @@ def run_batch(
     ``states`` is the per-study state (default: the worklist's SQLite file) and ``pool``
     where studies are screened (default: in this process).  Any number of runs may work
     on one archive at once: each study is screened by the run that holds its lease.
-    ``progress`` is called with the summary once the studies are found and after each."""
+    ``progress`` is called with the summary once the studies are found and after each.
+    ``site``: the site the archive belongs to ('' for none); ``source``: the name worker
+    processes open the archive by (default ``archive.name``)."""
+    run = SiteRun(site, stages, [(source or archive.name, archive)],
+                  window or QueryWindow.since(since))
+    return run_sites([run], worklist, outbox=outbox, states=states, pool=pool, force=force,
+                     progress=progress)[0]
+
+
+def run_sites(
+    runs: list[SiteRun],
+    worklist: Worklist,
+    outbox: Outbox | None = None,
+    states: StateStore | None = None,
+    pool: Pool | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    retry: Retry | None = None,
+) -> list[BatchSummary]:
+    """Screen the studies of several sites in one run (``ctscreen nightly``; one site:
+    ``ctscreen run``), one summary per site.
+
+    The studies of all sites are interleaved by weighted round-robin, so a site with a
+    large backlog cannot starve the others.  With ``retry``, a site whose archive does not
+    answer (at the query, or while its studies are retrieved) is set aside and tried again
+    later in the run while the other sites go on; what it still holds when ``retry`` gives
+    up stays pending (state ``discovered``, or ``failed: archive-error``) for the next run,
+    and its summary says ``unreachable``.  Every study is known by its site and UID: a
+    copy of one study at two sites is screened, recorded and delivered once for each."""
     t0 = time.perf_counter()
-    cfg = stages.config.batch
-    window = window or QueryWindow.since(since)
-    summary = BatchSummary(archive=archive.name, window=str(window))
+    retry = retry or Retry()
+    if len({r.site for r in runs}) != len(runs):
+        raise ValueError("expected each site once")
+    first = runs[0].stages
+    cfg = first.config.batch
     own_states = states is None
     states = states if states is not None else StateStore(worklist.path)
-    pool = pool if pool is not None else InProcessPool(stages, archive, states)
+    if pool is None:
+        archives = {name: a for r in runs for name, a in r.sources}
+        pool = InProcessPool(first, archives, states, {r.site: r.stages for r in runs})
     owner = new_owner()
-    limits = limits_key(stages)
-    folders = _local_folders(archive, worklist, outbox)
+    lanes = []
+    for r in runs:
+        lane_wl = worklist.for_site(r.site)
+        folders = _local_folders([a for _, a in r.sources] + _destinations(r), lane_wl, outbox)
+        lanes.append(_Lane(r, lane_wl, states.for_site(r.site),
+                           BatchSummary(archive=", ".join(n for n, _ in r.sources),
+                                        window=str(r.window), site=r.site), folders, outbox))
+    started = time.monotonic()
     try:
-        # the worklist's folder may hold anything (the archive included): only its own level
-        for i, folder in enumerate(folders):
-            summary.temporaries_removed += remove_orphaned_temporaries(folder, recursive=i > 0)
-        if outbox is not None:
-            earlier = outbox.deliver(archive)
-            summary.outbox_delivered = len(earlier.delivered)
-            _confirm_deliveries(states, worklist, outbox, archive)
-        studies = find_studies(archive, window=window)
-        summary.studies_found = len(studies)
-        for study in studies:
-            states.discover(study.study_uid)
-        tick = progress or _no_progress
-        tick(summary)
+        seen_folders: set[Path] = set()
+        for lane in lanes:
+            for i, folder in enumerate(lane.folders):
+                if folder in seen_folders:
+                    continue
+                seen_folders.add(folder)
+                # the worklist's folder may hold anything (the archive included): only its
+                # own level
+                lane.summary.temporaries_removed += remove_orphaned_temporaries(
+                    folder, recursive=i > 0)
+            if outbox is not None:
+                for dest in _destinations(lane.run):
+                    lane.summary.outbox_delivered += len(outbox.deliver(dest).delivered)
+                    _confirm_deliveries(lane.states, lane.worklist, outbox, dest)
+            _find(lane, retry, started)
+        tick = _ticker(lanes, progress or _no_progress)
+        tick()
         with Heartbeat(states, owner, cfg.lease_s):
-            _screen_all(studies, stages, archive, worklist, outbox, states, pool, owner,
-                        limits, force, folders, summary, tick)
-        if outbox is not None:
-            _confirm_deliveries(states, worklist, outbox, archive)
-            counts = outbox.counts(archive.name)
-            summary.outbox_pending = counts["pending"]
-            summary.outbox_refused = counts["refused"]
-        summary.by_state.update(states.counts(s.study_uid for s in studies))
+            _screen_lanes(lanes, pool, owner, force, retry, started, tick)
+        for lane in lanes:
+            s = lane.summary
+            if outbox is not None:
+                pending = refused = 0
+                for dest in _destinations(lane.run):
+                    _confirm_deliveries(lane.states, lane.worklist, outbox, dest)
+                    counts = outbox.counts(dest.name)
+                    pending += counts["pending"]
+                    refused += counts["refused"]
+                s.outbox_pending, s.outbox_refused = pending, refused
+            s.by_state.update(lane.states.counts(lane.found))
+            s.pending = len(lane.queue)
+            if lane.down:
+                s.unreachable = lane.down
+            s.duration_s = time.perf_counter() - t0
     finally:
         if own_states:
             states.close()
-    summary.duration_s = time.perf_counter() - t0
-    return summary
+    return [lane.summary for lane in lanes]
 
 
-def _screen_all(
-    studies: list[StudyRef],
-    stages: Stages,
-    archive: Archive,
-    worklist: Worklist,
-    outbox: Outbox | None,
-    states: StateStore,
+def _destinations(run: SiteRun) -> list[Archive]:
+    """The archives a site's results go to (one each)."""
+    if run.results is not None:
+        return [run.results]
+    out: dict[str, Archive] = {}
+    for _, a in run.sources:
+        out.setdefault(a.name, a)
+    return list(out.values())
+
+
+def _find(lane: _Lane, retry: Retry, started: float) -> None:
+    """Query the lane's archives (the first one holding a study wins); an archive that does
+    not answer sets the lane aside until ``retry`` tries it again (or, without retry,
+    stops the run as before)."""
+    studies: dict[str, tuple[StudyRef, str]] = {}
+    for name, archive in lane.run.sources:
+        try:
+            found = find_studies(archive, window=lane.run.window)
+        except ArchiveError as e:
+            if not retry.every_s:
+                raise
+            _set_aside(lane, f"{name}: {e}", retry, started)
+            return
+        for study in found:
+            studies.setdefault(study.study_uid, (study, name))
+    lane.summary.studies_found = len(studies)
+    lane.found = list(studies)
+    for uid in studies:
+        lane.states.discover(uid)
+    lane.queue = deque((i, s, name) for i, (s, name) in enumerate(studies.values(), start=1))
+    lane.ready, lane.down = True, ""
+    if lane.site:
+        log.info("site %s: %d studies found", lane.site, len(studies))
+
+
+def _set_aside(lane: _Lane, why: str, retry: Retry, started: float) -> None:
+    now = time.monotonic()
+    lane.down = why
+    lane.retry_at = now + retry.every_s
+    if now + retry.every_s > started + retry.until_s:
+        lane.retry_at = float("inf")  # given up for this run
+        log.error("site %s: its archive does not answer (%s); its studies wait for the "
+                  "next run", lane.site or "-", why)
+    else:
+        log.warning("site %s: its archive does not answer (%s); tried again in %.0f s, the "
+                    "other sites go on", lane.site or "-", why, retry.every_s)
+
+
+def _ticker(lanes: list[_Lane], progress: Progress) -> Callable[[], None]:
+    """The progress hook with one summary: the only site's, or the sum of the sites'."""
+    if len(lanes) == 1:
+        return lambda: progress(lanes[0].summary)
+
+    def tick() -> None:
+        total = BatchSummary(archive="all sites")
+        for lane in lanes:
+            s = lane.summary
+            total.studies_found += s.studies_found
+            total.skipped_unchanged += s.skipped_unchanged
+            total.busy_elsewhere += s.busy_elsewhere
+            total.lease_lost += s.lease_lost
+            total.by_status.update(s.by_status)
+        progress(total)
+
+    return tick
+
+
+def _next_lane(lanes: list[_Lane], turn: list[int]) -> _Lane | None:
+    """The lane whose study comes next, by weighted round-robin over the lanes that have
+    studies and an archive that answers (``turn[0]``: the index of the lane whose turn it
+    is)."""
+    open_ = [i for i, lane in enumerate(lanes) if lane.queue and not lane.down]
+    if not open_:
+        return None
+    cur = turn[0]
+    if cur in open_ and lanes[cur].credit > 0:
+        lanes[cur].credit -= 1
+        return lanes[cur]
+    for k in range(1, len(lanes) + 1):
+        i = (cur + k) % len(lanes)
+        if i in open_:
+            turn[0] = i
+            lanes[i].credit = lanes[i].run.weight - 1
+            return lanes[i]
+    return None  # pragma: no cover - open_ is not empty
+
+
+def _screen_lanes(
+    lanes: list[_Lane],
     pool: Pool,
     owner: str,
-    limits: str,
     force: bool,
-    folders: list[Path],
-    summary: BatchSummary,
-    tick: Progress,
+    retry: Retry,
+    started: float,
+    tick: Callable[[], None],
 ) -> None:
-    """Claim, screen and finish each study, keeping the pool busy."""
-    cfg = stages.config.batch
-    n = len(studies)
-    queue = deque(enumerate(studies, start=1))
-    in_flight: dict[str, tuple[int, StudyRef, str]] = {}
-    while queue or in_flight:
-        while queue and len(in_flight) < pool.capacity and not summary.stopped:
-            low = _low_disk(folders, cfg.disk_reserve_mb)
+    """Claim, screen and finish the lanes' studies, keeping the pool busy; lanes set aside
+    are tried again when their time comes, while the others go on."""
+    in_flight: dict[tuple[str, str], tuple[_Lane, int, StudyRef, str, str]] = {}
+    turn = [-1]
+    stopped = ""
+    while True:
+        now = time.monotonic()
+        for lane in lanes:
+            if lane.down and now >= lane.retry_at:
+                log.info("site %s: trying its archive again", lane.site or "-")
+                if lane.ready:
+                    lane.down = ""  # its studies are known: the next retrieval tells
+                else:
+                    _find(lane, retry, started)
+                tick()
+        while len(in_flight) < pool.capacity and not stopped:
+            chosen = _next_lane(lanes, turn)
+            if chosen is None:
+                break
+            lane = chosen
+            cfg = lane.run.stages.config.batch
+            low = _low_disk(lane.folders, cfg.disk_reserve_mb)
             if low:
-                summary.stopped = low
+                stopped = low
+                for each in lanes:
+                    each.summary.stopped = low
                 log.error("%s: no further study is pulled", low)
                 break
-            i, study = queue.popleft()
+            i, study, source = lane.queue.popleft()
             uid = study.study_uid
-            fp = fingerprint(study, stages)
-            claim = states.claim(uid, fp, limits, owner, cfg.lease_s, force)
-            if claim is Claim.DONE:
-                summary.skipped_unchanged += 1
-                log.info("[%d/%d] study %s unchanged; skipped", i, n, uid)
-                tick(summary)
+            n = lane.summary.studies_found
+            where = f"site {lane.site} " if lane.site else ""
+            fp = fingerprint(study, lane.run.stages)
+            claim = lane.states.claim(uid, fp, limits_key(lane.run.stages), owner, cfg.lease_s,
+                                      force)
+            if claim is not Claim.CLAIMED:
+                if claim is Claim.DONE:
+                    lane.summary.skipped_unchanged += 1
+                    log.info("%s[%d/%d] study %s unchanged; skipped", where, i, n, uid)
+                else:
+                    lane.summary.busy_elsewhere += 1
+                    log.info("%s[%d/%d] study %s is being screened by another run", where, i,
+                             n, uid)
+                lane.credit += 1  # a study skipped costs its site no turn
+                tick()
                 continue
-            if claim is Claim.BUSY:
-                summary.busy_elsewhere += 1
-                log.info("[%d/%d] study %s is being screened by another run", i, n, uid)
-                tick(summary)
-                continue
-            log.info("[%d/%d] study %s: %d series, %d instances", i, n, uid,
+            log.info("%s[%d/%d] study %s: %d series, %d instances", where, i, n, uid,
                      len(study.series), study.n_instances)
+            dest = lane.destination(source)
             study = replace(study, previous_results=_delivered_outputs(
-                worklist, outbox, archive.name, uid))
-            in_flight[uid] = (i, study, fp)
-            pool.submit(study, owner)
+                lane.worklist, lane.outbox, dest.name, uid))
+            in_flight[(lane.site, uid)] = (lane, i, study, fp, source)
+            pool.submit(Job(study, owner, lane.site, source))
         if not in_flight:
-            return
+            waiting = [lane.retry_at for lane in lanes
+                       if lane.down and lane.retry_at != float("inf")]
+            if stopped or not waiting:
+                return
+            time.sleep(max(0.0, min(min(waiting) - time.monotonic(), 5.0)))
+            continue
         outcome = pool.next_done()
-        i, study, fp = in_flight.pop(outcome.study_uid)
+        lane, i, study, fp, source = in_flight.pop((outcome.site, outcome.study_uid))
+        if _archive_failed(outcome, lane, retry):
+            lane.tries[study.study_uid] += 1
+            if lane.tries[study.study_uid] < retry.max_tries:
+                # the archive let us down: the study waits in its lane for the next try
+                lane.states.advance(study.study_uid, State.FAILED, owner,
+                                    outcome.result.reasons)
+                lane.states.release(study.study_uid, owner)
+                lane.queue.appendleft((i, replace(study, previous_results=()), source))
+                _set_aside(lane, f"{source}: {', '.join(outcome.result.reasons)}", retry,
+                           started)
+                continue
         try:
-            result = _finish(outcome, fp, archive, worklist, outbox, states, owner)
+            result = _finish(outcome, fp, lane.destination(source), lane.worklist,
+                             lane.outbox, lane.states, owner)
         except LeaseLost:
-            summary.lease_lost += 1
+            lane.summary.lease_lost += 1
             log.warning("study %s: taken over by another run; its results are that run's",
                         study.study_uid)
-            tick(summary)
+            tick()
             continue
-        summary.add(result)
-        log.info("[%d/%d] study %s: %s %s", i, n, study.study_uid, result.status.value,
+        lane.summary.add(result)
+        log.info("%s[%d/%d] study %s: %s %s", f"site {lane.site} " if lane.site else "", i,
+                 lane.summary.studies_found, study.study_uid, result.status.value,
                  ", ".join(result.reasons))
-        tick(summary)
+        tick()
+
+
+def _archive_failed(outcome: Outcome, lane: _Lane, retry: Retry) -> bool:
+    """A study that failed because its archive did not deliver, in a run that retries."""
+    return bool(retry.every_s) and not outcome.lease_lost and any(
+        r.split(":")[0] in RETRY_REASONS for r in outcome.result.reasons)
 
 
 def _no_progress(summary: BatchSummary) -> None:
@@ -355,15 +600,17 @@ def limits_key(stages: Stages) -> str:
     return repr((b.max_study_seconds, b.max_study_memory_mb, b.max_slices, b.max_series_bytes))
 
 
-def _local_folders(archive: Archive, worklist: Worklist, outbox: Outbox | None) -> list[Path]:
+def _local_folders(archives: list[Archive], worklist: Worklist,
+                   outbox: Outbox | None) -> list[Path]:
     """The folders this run writes to: the worklist's first, then the outbox and the results
-    of a folder archive."""
+    of folder archives."""
     folders = [worklist.path.parent]
     if outbox is not None:
         folders.append(outbox.folder)
-    root = getattr(archive, "root", None)
-    if isinstance(root, Path):
-        folders.append(root / RESULTS_DIR)
+    for archive in archives:
+        root = getattr(archive, "root", None)
+        if isinstance(root, Path) and root / RESULTS_DIR not in folders:
+            folders.append(root / RESULTS_DIR)
     return folders
 
 

@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -87,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     config_help = "YAML settings overriding the embedded defaults (default: $CTSCREEN_CONFIG)"
     archive_help = "an archive named in the config's archives: section, or a folder of DICOM files"
     r = sub.add_parser("run", help="screen every CT study of an archive and write results back")
-    r.add_argument("--archive", required=True, help=archive_help)
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--archive", help=archive_help)
+    which.add_argument("--site", help="a site named in the config's sites: section (all its "
+                       "archives; dates on the site's clock)")
     r.add_argument(
         "--since", type=_date, help="only studies with StudyDate on or after (YYYY-MM-DD)"
     )
@@ -117,6 +121,28 @@ def _parser() -> argparse.ArgumentParser:
         "the default is <worklist>.log beside the worklist; elsewhere stderr)",
     )
     r.set_defaults(func=_cmd_run)
+
+    n = sub.add_parser("nightly", help="screen every site of the config's sites: in one batch "
+                       "(round-robin; an unreachable site is retried, the others go on)")
+    n.add_argument("--config", help=config_help)
+    n.add_argument("--site", action="append", dest="sites", metavar="NAME",
+                   help="only this site (repeat for several; default: all)")
+    n.add_argument("--worklist", help="worklist database (default: worklist.path, else "
+                   "./ctscreen-sites.sqlite)")
+    n.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes (default: batch.workers, 1); 0 screens in this "
+                   "process without the time and memory limits")
+    n.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the studies on this Dask distributed scheduler (tcp://host:8786)")
+    n.add_argument("--until", type=_datetime, metavar="YYYY-MM-DD[THH:MM]",
+                   help="the night's end on each site's own clock (default: now); each site "
+                   "looks at its window_hours before it")
+    n.add_argument("--force", action="store_true", help="re-screen studies that are unchanged")
+    n.add_argument("--json", action="store_true", help="print the sites' summaries as JSON")
+    n.add_argument("--log-file", metavar="FILE",
+                   help="append the run's log to FILE (default on a terminal: beside the "
+                   "worklist)")
+    n.set_defaults(func=_cmd_nightly)
 
     e = sub.add_parser("echo", help="check that a configured archive answers (C-ECHO or QIDO)")
     e.add_argument("name", help="an archive named in the config's archives: section")
@@ -291,26 +317,38 @@ def _archive(name: str, config: Config) -> Archive:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .api import run_batch
+    from .api import run_batch, run_site, sites_worklist_path
     from .artefacts import QueryWindow
     from .worklist import Worklist, format_table
 
     config = _config(args)
-    archive = _archive(args.archive, config)
     if args.since and args.start:
         raise CtscreenError("give --since or --from, not both")
     if args.workers is not None and args.scheduler:
         raise CtscreenError("give --workers or --scheduler, not both")
     window = QueryWindow(args.start, args.end) if (args.start or args.end) else None
-    wl_path = worklist_path(args.archive, args.worklist, config)
+    if args.site:
+        config.site(args.site)
+        site = args.site
+        wl_path = sites_worklist_path(args.worklist, config)
+        archive = None
+    else:
+        archive = _archive(args.archive, config)
+        site = config.site_of(args.archive)
+        wl_path = (sites_worklist_path(args.worklist, config) if site
+                   else worklist_path(args.archive, args.worklist, config))
     with _run_output(args, wl_path) as bar:
-        summary = run_batch(args.archive, config, worklist=args.worklist, since=args.since,
-                            window=window, force=args.force, workers=args.workers,
-                            scheduler=args.scheduler,
-                            progress=None if bar is None else bar.update)
+        kwargs: dict[str, Any] = dict(
+            worklist=args.worklist, since=args.since, window=window, force=args.force,
+            workers=args.workers, scheduler=args.scheduler,
+            progress=None if bar is None else bar.update)
+        if args.site:
+            summary = run_site(args.site, config, **kwargs)
+        else:
+            summary = run_batch(args.archive, config, **kwargs)
         if bar is not None:
             bar.finish(summary)
-    with Worklist(wl_path) as worklist:
+    with Worklist(wl_path, site=site or None) as worklist:
         rows = worklist.rows()
     _write_last_run(wl_path, summary.as_json())
     if args.json:
@@ -321,11 +359,76 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         print()
         print(f"worklist: {wl_path}")
-        root = getattr(archive, "root", None)
-        print(f"results:  {root / 'ctscreen' if root is not None else archive.name}")
+        if archive is not None:
+            root = getattr(archive, "root", None)
+            print(f"results:  {root / 'ctscreen' if root is not None else archive.name}")
     if summary.stopped:
         return 4
     return 1 if summary.by_status.get("failed") else 0
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    from .api import nightly, sites_worklist_path
+    from .worklist import Worklist, format_table
+
+    config = _config(args)
+    if args.workers is not None and args.scheduler:
+        raise CtscreenError("give --workers or --scheduler, not both")
+    wl_path = sites_worklist_path(args.worklist, config)
+    with _run_output(args, wl_path) as bar:
+        summaries = nightly(config, worklist=args.worklist, sites=args.sites, force=args.force,
+                            workers=args.workers, scheduler=args.scheduler, until=args.until,
+                            progress=None if bar is None else bar.update)
+        if bar is not None:
+            bar.close(f"ctscreen nightly: {len(summaries)} sites, "
+                      f"{sum(s.done for s in summaries)} studies done")
+    report = nightly_json(summaries)
+    _write_last_run(wl_path, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(nightly_text(summaries))
+        with Worklist(wl_path) as worklist:
+            rows = worklist.rows()
+        print()
+        print(format_table(rows))
+        print()
+        print(f"worklist: {wl_path}")
+    if any(s.stopped for s in summaries):
+        return 4
+    if any(s.unreachable for s in summaries):
+        return 5
+    return 1 if any(s.by_status.get("failed") for s in summaries) else 0
+
+
+def nightly_json(summaries: list[BatchSummary]) -> dict[str, Any]:
+    """The night's summary for monitoring: each site's, and the totals."""
+    total: Counter[str] = Counter()
+    for s in summaries:
+        total.update({"studies_found": s.studies_found, "screened": s.screened,
+                      "skipped_unchanged": s.skipped_unchanged, "pending": s.pending,
+                      "outputs_written": s.outputs_written})
+    return {
+        "sites": {s.site: s.as_json() for s in summaries},
+        "total": dict(total),
+        "unreachable": {s.site: s.unreachable for s in summaries if s.unreachable},
+        "duration_s": round(max((s.duration_s for s in summaries), default=0.0), 2),
+    }
+
+
+def nightly_text(summaries: list[BatchSummary]) -> str:
+    """The night's report for the person on the night shift: each site's, then a line of
+    counts per site."""
+    parts = [s.text() for s in summaries]
+    head = f"{'site':<16} {'found':>6} {'screened':>8} {'done before':>11} {'pending':>7}  status"
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        state = f"UNREACHABLE: {s.unreachable}" if s.unreachable else "ok"
+        seconds = sum(s.stage_seconds.values())
+        lines.append(f"{s.site[:16]:<16} {s.studies_found:>6} {s.screened:>8} "
+                     f"{s.skipped_unchanged:>11} {s.pending:>7}  {state}; "
+                     f"{seconds:.0f} s of screening")
+    return "\n\n".join(parts) + "\n\n" + "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the progress bar

@@ -251,6 +251,33 @@ class ArchiveConfig:
     retrieve_attempts: int = 2
 
 
+SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital that a regional centre screens for (``sites:``; docs/sites.md).
+
+    A study is known by its site and its StudyInstanceUID: two hospitals holding copies of
+    one study each get it screened and delivered once, to themselves."""
+
+    # names under archives: where the site's studies are found, in order (a study in two of
+    # them is screened once, from the first)
+    archives: tuple[str, ...] = ()
+    # where results go (a name under archives:); empty: back to the archive each study came from
+    results_archive: str = ""
+    # the site's clock: StudyDate / StudyTime are its local time (an IANA name such as
+    # "Asia/Shanghai"); empty: this machine's
+    timezone: str = ""
+    # ``ctscreen nightly``: the studies of the last this many hours of the site's clock
+    window_hours: float = 24.0
+    # ``ctscreen nightly``: studies taken from this site per turn of the round-robin
+    weight: int = 1
+    # selection rules of this site's scanners: the keys given here replace those of the
+    # top-level selection: section (the rest stay as they are there)
+    selection: SelectionConfig | None = None
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     """``ctscreen listen``: a C-STORE SCP that screens each study once it is complete."""
@@ -292,6 +319,10 @@ class BatchConfig:
     max_slices: int = 2000  # instances in the chosen series
     max_series_bytes: int = 4 * 1024**3  # decoded pixel bytes of the chosen series
     disk_reserve_mb: int = 1024  # below this free space (state, outbox, results), pull nothing
+    # ``ctscreen nightly``: a site whose archive does not answer is tried again this often ...
+    site_retry_s: float = 300.0
+    # ... until this long after the night's start; its studies then wait for the next night
+    site_give_up_s: float = 14400.0
 
 
 @dataclass(frozen=True)
@@ -340,6 +371,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     archives: dict[str, ArchiveConfig] = field(default_factory=dict)
+    sites: dict[str, SiteConfig] = field(default_factory=dict)
     listen: ListenConfig = field(default_factory=ListenConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -355,6 +387,32 @@ class Config:
                 f"expected an archive named in the config's archives: section ({known}), "
                 f"got {name!r}"
             ) from None
+
+    def site(self, name: str) -> SiteConfig:
+        """The site configured under ``name``, or a ConfigError naming the known ones."""
+        try:
+            return self.sites[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sites)) or "none"
+            raise ConfigError(
+                f"expected a site named in the config's sites: section ({known}), got {name!r}"
+            ) from None
+
+    def site_of(self, archive: str) -> str:
+        """The site whose archives: list names ``archive`` ('' where none does)."""
+        for name, site in self.sites.items():
+            if archive in site.archives:
+                return name
+        return ""
+
+    def for_site(self, name: str) -> Config:
+        """This configuration as the site ``name`` sees it (its selection rules); itself for
+        the empty name."""
+        if not name:
+            return self
+        site = self.site(name)
+        return self if site.selection is None else dataclasses.replace(
+            self, selection=site.selection)
 
     def analysis_key(self) -> str:
         """What the screening result depends on (for fingerprints): not where archives are,
@@ -488,10 +546,66 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None:
         return Config()
     p = Path(path)
-    config = from_mapping(Config, _read_yaml(p), where=p.name)
+    raw = _read_yaml(p)
+    if isinstance(raw, dict) and isinstance(raw.get("sites"), dict):
+        raw = _merge_site_selection(raw)
+    config = from_mapping(Config, raw, where=p.name)
     for name, a in config.archives.items():
         _check_archive(name, a, p.name)
+    _check_sites(config, p.name)
     return config
+
+
+def _merge_site_selection(raw: dict[str, Any]) -> dict[str, Any]:
+    """A site's ``selection:`` keys laid over the file's top-level ``selection:`` (so that a
+    site states only what its scanners need differently)."""
+    top = raw.get("selection") or {}
+    sites = {}
+    for name, site in raw["sites"].items():
+        if isinstance(site, dict) and isinstance(site.get("selection"), dict):
+            if not isinstance(top, dict):
+                raise ConfigError("selection: expected a mapping")
+            site = {**site, "selection": {**top, **site["selection"]}}
+        sites[name] = site
+    return {**raw, "sites": sites}
+
+
+def _check_sites(config: Config, where: str) -> None:
+    import re
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    owner: dict[str, str] = {}
+    for name, site in config.sites.items():
+        at = f"{where}: sites.{name}"
+        if not re.match(SITE_NAME, name):
+            raise ConfigError(f"{at}: expected a site name of letters, digits, '.', '_' or "
+                              "'-' (at most 64, starting with a letter or digit)")
+        if not site.archives:
+            raise ConfigError(f"{at}.archives: expected at least one archive name")
+        for a in (*site.archives, *([site.results_archive] if site.results_archive else [])):
+            if a not in config.archives:
+                known = ", ".join(sorted(config.archives)) or "none"
+                raise ConfigError(f"{at}: archive {a!r} is not under archives: ({known})")
+        for a in site.archives:
+            if a in owner and owner[a] != name:
+                raise ConfigError(f"{at}: archive {a!r} already belongs to site {owner[a]!r} "
+                                  "(an archive serves one site)")
+            owner[a] = name
+        if site.timezone:
+            try:
+                ZoneInfo(site.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ConfigError(f"{at}.timezone: expected an IANA time zone name such as "
+                                  f"Asia/Shanghai, got {site.timezone!r}") from None
+        if site.window_hours <= 0:
+            raise ConfigError(f"{at}.window_hours: expected a positive number of hours")
+        if site.weight < 1:
+            raise ConfigError(f"{at}.weight: expected a whole number of at least 1")
+    for name, site in config.sites.items():
+        if site.results_archive in owner and owner[site.results_archive] != name:
+            raise ConfigError(f"{where}: sites.{name}.results_archive "
+                              f"{site.results_archive!r} belongs to site "
+                              f"{owner[site.results_archive]!r}: results never cross sites")
 
 
 def _check_archive(name: str, a: ArchiveConfig, where: str) -> None:

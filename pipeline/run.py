@@ -80,6 +80,14 @@ class Stages:
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
+    def for_site(self, site: str) -> Stages:
+        """These stages (the same models) as the site ``site`` runs them: its selection
+        rules, its own folder of the view store.  Itself for the empty name."""
+        if not site:
+            return self
+        views = None if self.views is None else self.views / site
+        return replace(self, config=self.config.for_site(site), views=views)
+
     @classmethod
     def load(cls, config: Config, views: Path | None = None) -> Stages:
         lungs = segmenter_for(config.lungs)

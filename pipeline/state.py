@@ -30,6 +30,7 @@ never from a file): the choice for workers on several hosts.
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import logging
@@ -65,9 +66,12 @@ class State(enum.StrEnum):
 RETRY_REASONS = ("incomplete-retrieval", "archive-error")
 LIMIT_REASON = "limit-exceeded"
 
+# A study is known by its site and its UID (two hospitals may hold copies of one study; each
+# copy is screened and delivered to its own site).  The site of a plain run is ''.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS study_state (
-    study_uid TEXT PRIMARY KEY,
+    site TEXT NOT NULL DEFAULT '',
+    study_uid TEXT NOT NULL,
     fingerprint TEXT NOT NULL DEFAULT '',
     limits TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL,
@@ -76,9 +80,12 @@ CREATE TABLE IF NOT EXISTS study_state (
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
     version INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    updated_at DOUBLE PRECISION NOT NULL DEFAULT 0
+    updated_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    PRIMARY KEY (site, study_uid)
 )
 """
+_COLUMNS = ("study_uid, fingerprint, limits, state, reasons, owner, lease_until, version, "
+            "attempts, updated_at")
 
 
 _SCHEMA_LOCK = 0x63747363  # "ctsc": the advisory lock that serialises schema creation
@@ -137,10 +144,14 @@ def pid_alive(pid: int) -> bool:
 
 
 class StateStore:
-    """The ``study_state`` table in SQLite (a file path) or PostgreSQL (a URL)."""
+    """The ``study_state`` table in SQLite (a file path) or PostgreSQL (a URL), as one site
+    sees it: every study this object reads or moves is one of ``site`` ('' for a plain run;
+    :meth:`for_site` gives another site's view on the same connection).  Leases are renewed
+    by owner, across sites."""
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, site: str = "") -> None:
         self.target = str(target)
+        self.site = site
         self._lock = threading.Lock()  # the heartbeat thread shares the connection
         self._pg = self.target.startswith(("postgresql://", "postgres://"))
         if self._pg:
@@ -160,10 +171,20 @@ class StateStore:
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 self._db.execute(SCHEMA)
+                _migrate_pg(self._db)
         else:
             from .durable import open_sqlite
 
-            self._db = open_sqlite(Path(self.target), SCHEMA, check_same_thread=False)
+            self._db = open_sqlite(Path(self.target), _SQLITE_PROBE, check_same_thread=False)
+            _migrate_sqlite(self._db)
+
+    def for_site(self, site: str) -> StateStore:
+        """The same store (and connection) as ``site`` sees it."""
+        if site == self.site:
+            return self
+        other = copy.copy(self)
+        other.site = site
+        return other
 
     @property
     def label(self) -> str:
@@ -173,6 +194,7 @@ class StateStore:
         return self.target
 
     def close(self) -> None:
+        """Closes the connection (of every site's view of it)."""
         self._db.close()
 
     def __enter__(self) -> StateStore:
@@ -203,16 +225,16 @@ class StateStore:
     def discover(self, study_uid: str) -> None:
         """Record a study found by the query (nothing changes for a known study)."""
         self._exec(
-            "INSERT INTO study_state (study_uid, state, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (study_uid) DO NOTHING",
-            (study_uid, State.DISCOVERED.value, time.time()),
+            "INSERT INTO study_state (site, study_uid, state, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (site, study_uid) DO NOTHING",
+            (self.site, study_uid, State.DISCOVERED.value, time.time()),
         )
 
     def get(self, study_uid: str) -> StudyState | None:
         rows = self._rows(
             "SELECT study_uid, state, reasons, fingerprint, owner, attempts FROM study_state "
-            "WHERE study_uid = ?",
-            (study_uid,),
+            "WHERE site = ? AND study_uid = ?",
+            (self.site, study_uid),
         )
         if not rows:
             return None
@@ -233,8 +255,8 @@ class StateStore:
         self.discover(study_uid)
         rows = self._rows(
             "SELECT state, reasons, fingerprint, limits, owner, lease_until, version "
-            "FROM study_state WHERE study_uid = ?",
-            (study_uid,),
+            "FROM study_state WHERE site = ? AND study_uid = ?",
+            (self.site, study_uid),
         )
         state, reasons, fp, old_limits, holder, lease_until, version = rows[0]
         now = time.time()
@@ -246,9 +268,9 @@ class StateStore:
         changed = self._exec(
             "UPDATE study_state SET owner = ?, lease_until = ?, fingerprint = ?, limits = ?, "
             "state = ?, reasons = '[]', attempts = attempts + 1, version = version + 1, "
-            "updated_at = ? WHERE study_uid = ? AND version = ?",
+            "updated_at = ? WHERE site = ? AND study_uid = ? AND version = ?",
             (owner, now + lease_s, fingerprint, limits, State.DISCOVERED.value, now,
-             study_uid, version),
+             self.site, study_uid, version),
         )
         if changed != 1:
             return Claim.BUSY
@@ -269,8 +291,8 @@ class StateStore:
             sets += ", lease_until = ?"
             params.append(time.time() + lease_s)
         changed = self._exec(
-            f"UPDATE study_state SET {sets} WHERE study_uid = ? AND owner = ?",
-            (*params, study_uid, owner),
+            f"UPDATE study_state SET {sets} WHERE site = ? AND study_uid = ? AND owner = ?",
+            (*params, self.site, study_uid, owner),
         )
         if changed != 1:
             raise LeaseLost(f"study {study_uid}: the lease passed to another run")
@@ -279,15 +301,17 @@ class StateStore:
 
     def holds(self, study_uid: str, owner: str) -> bool:
         return bool(self._rows(
-            "SELECT 1 FROM study_state WHERE study_uid = ? AND owner = ?", (study_uid, owner)
+            "SELECT 1 FROM study_state WHERE site = ? AND study_uid = ? AND owner = ?",
+            (self.site, study_uid, owner),
         ))
 
     def mark_delivered(self, study_uid: str) -> None:
         """``written`` -> ``delivered`` once the outbox delivered every result; only a
         study that no live run holds moves (a dead holder's lease is dropped)."""
         rows = self._rows(
-            "SELECT owner, lease_until FROM study_state WHERE study_uid = ? AND state = ?",
-            (study_uid, State.WRITTEN.value),
+            "SELECT owner, lease_until FROM study_state WHERE site = ? AND study_uid = ? "
+            "AND state = ?",
+            (self.site, study_uid, State.WRITTEN.value),
         )
         if not rows:
             return
@@ -296,20 +320,22 @@ class StateStore:
             return
         self._exec(
             "UPDATE study_state SET state = ?, owner = '', lease_until = 0, "
-            "version = version + 1, updated_at = ? WHERE study_uid = ? AND state = ? "
-            "AND owner = ?",
-            (State.DELIVERED.value, time.time(), study_uid, State.WRITTEN.value, holder),
+            "version = version + 1, updated_at = ? WHERE site = ? AND study_uid = ? "
+            "AND state = ? AND owner = ?",
+            (State.DELIVERED.value, time.time(), self.site, study_uid, State.WRITTEN.value,
+             holder),
         )
 
     def release(self, study_uid: str, owner: str) -> None:
         self._exec(
             "UPDATE study_state SET owner = '', lease_until = 0, version = version + 1 "
-            "WHERE study_uid = ? AND owner = ?",
-            (study_uid, owner),
+            "WHERE site = ? AND study_uid = ? AND owner = ?",
+            (self.site, study_uid, owner),
         )
 
     def renew(self, owner: str, lease_s: float) -> int:
-        """Extend every lease ``owner`` holds (the heartbeat); returns how many."""
+        """Extend every lease ``owner`` holds, at every site (the heartbeat); returns how
+        many."""
         return self._exec(
             "UPDATE study_state SET lease_until = ? WHERE owner = ?",
             (time.time() + lease_s, owner),
@@ -317,15 +343,54 @@ class StateStore:
 
     def in_state(self, state: State) -> list[str]:
         return [r[0] for r in self._rows(
-            "SELECT study_uid FROM study_state WHERE state = ? ORDER BY study_uid",
-            (state.value,),
+            "SELECT study_uid FROM study_state WHERE site = ? AND state = ? ORDER BY study_uid",
+            (self.site, state.value),
         )]
 
     def counts(self, study_uids: Iterable[str] | None = None) -> Counter[str]:
         """Studies per state (of ``study_uids`` where given)."""
-        rows = self._rows("SELECT study_uid, state FROM study_state")
+        rows = self._rows("SELECT study_uid, state FROM study_state WHERE site = ?",
+                          (self.site,))
         wanted = None if study_uids is None else set(study_uids)
         return Counter(st for uid, st in rows if wanted is None or uid in wanted)
+
+
+# The SQLite file gets the table through _migrate_sqlite (an older table is rebuilt there).
+_SQLITE_PROBE = "SELECT 1;"
+
+
+def _migrate_sqlite(db: Any) -> None:
+    """Create the table, or rebuild one from before sites (key: the study UID alone) with
+    the key (site, study UID), its studies keeping site '' (one immediate transaction, so
+    two processes opening the file at once do not race)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(study_state)")}
+        if cols and "site" not in cols:
+            db.execute("ALTER TABLE study_state RENAME TO study_state_before_sites")
+            db.execute(SCHEMA)
+            db.execute(f"INSERT INTO study_state ({_COLUMNS}) SELECT {_COLUMNS} "
+                       "FROM study_state_before_sites")
+            db.execute("DROP TABLE study_state_before_sites")
+            log.info("state: the study table now keys studies by site and UID")
+        elif not cols:
+            db.execute(SCHEMA)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _migrate_pg(db: Any) -> None:
+    """PostgreSQL: a table from before sites gets the site column and the key (site, UID)
+    (inside the caller's schema transaction)."""
+    have = {r[0] for r in db.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'study_state'")}
+    if "site" in have:
+        return
+    db.execute("ALTER TABLE study_state ADD COLUMN site TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE study_state DROP CONSTRAINT study_state_pkey")
+    db.execute("ALTER TABLE study_state ADD PRIMARY KEY (site, study_uid)")
 
 
 def _done(state: State, reasons: list[str], same_input: bool, same_limits: bool) -> bool:

@@ -47,6 +47,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Job:
+    """One study to screen: the lease holder, the study's site ('' for a plain run; it
+    decides the selection rules and the state it moves) and the archive its pixels come from
+    (a name under archives:, or a folder's path)."""
+
+    study: StudyRef
+    owner: str
+    site: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One study's screening, back from a pool: nothing written yet."""
 
@@ -54,6 +66,7 @@ class Outcome:
     result: ScreeningResult
     objects: list[tuple[str, Dataset]] = field(default_factory=list)
     lease_lost: bool = False  # the worker found the study taken over by another run
+    site: str = ""
 
 
 class Pool(Protocol):
@@ -62,7 +75,7 @@ class Pool(Protocol):
         """Studies it can work on at once."""
         ...
 
-    def submit(self, study: StudyRef, owner: str) -> None: ...
+    def submit(self, job: Job) -> None: ...
 
     def next_done(self) -> Outcome:
         """Block until a submitted study is finished (or stopped at a limit)."""
@@ -86,11 +99,14 @@ def refused(study: StudyRef, status: Status, code: str, algorithm_version: str) 
 
 
 def screen_one(
-    study: StudyRef, owner: str, stages: Stages, archive: Archive, states: StateStore | None
+    job: Job, stages: Stages, archive: Archive, states: StateStore | None
 ) -> Outcome:
-    """Screen one study in this process; every failure becomes an outcome, never raises."""
+    """Screen one study in this process (``stages`` and ``states`` those of the job's site);
+    every failure becomes an outcome, never raises."""
     from .run import screen_study
     from .state import LeaseLost
+
+    study, owner = job.study, job.owner
 
     def progress(state: Any) -> None:
         if states is not None:
@@ -99,11 +115,13 @@ def screen_one(
     version = stages.algorithm_version
     try:
         result, objects = screen_study(study, archive, stages, progress)
-        return Outcome(study.study_uid, result, [(kind, _plain(ds)) for kind, ds in objects])
+        return Outcome(study.study_uid, result, [(kind, _plain(ds)) for kind, ds in objects],
+                       site=job.site)
     except LeaseLost:
         log.warning("study %s: taken over by another run; dropped here", study.study_uid)
         return Outcome(
-            study.study_uid, refused(study, Status.FAILED, "lease-lost", version), [], True
+            study.study_uid, refused(study, Status.FAILED, "lease-lost", version), [], True,
+            site=job.site,
         )
     except MemoryError:
         log.error("study %s: over its memory limit", study.study_uid)
@@ -118,7 +136,30 @@ def screen_one(
         else:
             log.exception("study %s: unexpected %s", study.study_uid, type(e).__name__)
             code, status = f"internal-error:{type(e).__name__}", Status.FAILED
-    return Outcome(study.study_uid, refused(study, status, code, version))
+    return Outcome(study.study_uid, refused(study, status, code, version), site=job.site)
+
+
+class Workshop:
+    """What one process screens with: the stages loaded once (``base``; each site's view of
+    them made on first use, the models shared), the archives opened once by name, the
+    state store (each site's view of it)."""
+
+    def __init__(self, base: Stages, config: Config, states: StateStore | None,
+                 archives: dict[str, Archive] | None = None,
+                 by_site: dict[str, Stages] | None = None) -> None:
+        self._base, self._config, self._states = base, config, states
+        self._archives: dict[str, Archive] = dict(archives or {})
+        self._stages: dict[str, Stages] = {"": base, **(by_site or {})}
+
+    def screen(self, job: Job) -> Outcome:
+        if job.site not in self._stages:
+            self._stages[job.site] = self._base.for_site(job.site)
+        if job.source not in self._archives:
+            from .archive import open_named
+
+            self._archives[job.source] = open_named(job.source, self._config)
+        states = None if self._states is None else self._states.for_site(job.site)
+        return screen_one(job, self._stages[job.site], self._archives[job.source], states)
 
 
 def _plain(ds: Dataset) -> Dataset:
@@ -132,16 +173,18 @@ def _plain(ds: Dataset) -> Dataset:
 
 
 class InProcessPool:
-    """Screens in this process, one study at a time (no time or memory limits)."""
+    """Screens in this process, one study at a time (no time or memory limits), with the
+    archives already open (by the name a job gives as its source)."""
 
     capacity = 1
 
-    def __init__(self, stages: Stages, archive: Archive, states: StateStore | None) -> None:
-        self._stages, self._archive, self._states = stages, archive, states
+    def __init__(self, stages: Stages, archives: dict[str, Archive],
+                 states: StateStore | None, by_site: dict[str, Stages] | None = None) -> None:
+        self._shop = Workshop(stages, stages.config, states, archives, by_site)
         self._done: deque[Outcome] = deque()
 
-    def submit(self, study: StudyRef, owner: str) -> None:
-        self._done.append(screen_one(study, owner, self._stages, self._archive, self._states))
+    def submit(self, job: Job) -> None:
+        self._done.append(self._shop.screen(job))
 
     def next_done(self) -> Outcome:
         return self._done.popleft()
@@ -167,9 +210,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _worker_main(
-    conn: Connection, config: Config, archive_name: str, state_target: str, log_level: int
-) -> None:
+def _worker_main(conn: Connection, config: Config, state_target: str, log_level: int) -> None:
     _die_with_parent()
     logging.basicConfig(
         level=log_level,
@@ -177,12 +218,10 @@ def _worker_main(
     )
     logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
     from .api import configured_views
-    from .archive import open_named
     from .run import Stages
 
     stages = Stages.load(config, configured_views(config))
-    archive = open_named(archive_name, config)
-    states = StateStore(state_target) if state_target else None
+    shop = Workshop(stages, config, StateStore(state_target) if state_target else None)
     _limit_data(config.batch.max_study_memory_mb)
     conn.send(("ready", tree_rss(os.getpid())))
     while True:
@@ -192,8 +231,7 @@ def _worker_main(
             return
         if job is None:
             return
-        study, owner = job
-        conn.send(screen_one(study, owner, stages, archive, states))
+        conn.send(shop.screen(job))
 
 
 def _limit_data(allowance_mb: int) -> None:
@@ -246,6 +284,7 @@ class _Worker:
     conn: Connection
     baseline_rss: int = 0
     study: StudyRef | None = None
+    site: str = ""
     started: float = 0.0
 
 
@@ -255,12 +294,11 @@ class ProcessPool:
     POLL_S = 0.25
 
     def __init__(
-        self, n: int, config: Config, archive_name: str, state_target: str,
-        algorithm_version: str,
+        self, n: int, config: Config, state_target: str, algorithm_version: str,
     ) -> None:
         if n < 1:
             raise ConfigError(f"expected at least one worker process, got {n}")
-        self._config, self._archive_name = config, archive_name
+        self._config = config
         self._state_target, self._version = state_target, algorithm_version
         self._ctx = mp.get_context("spawn")
         self._workers = [self._start() for _ in range(n)]
@@ -276,7 +314,7 @@ class ProcessPool:
         parent, child = self._ctx.Pipe()
         p = self._ctx.Process(
             target=_worker_main,
-            args=(child, self._config, self._archive_name, self._state_target,
+            args=(child, self._config, self._state_target,
                   logging.getLogger("pipeline").getEffectiveLevel()),
             name="ctscreen-worker",
         )
@@ -298,10 +336,10 @@ class ProcessPool:
         assert tag == "ready"
         w.baseline_rss = int(rss)
 
-    def submit(self, study: StudyRef, owner: str) -> None:
+    def submit(self, job: Job) -> None:
         w = next(w for w in self._workers if w.study is None)
-        w.study, w.started = study, time.monotonic()
-        w.conn.send((study, owner))
+        w.study, w.site, w.started = job.study, job.site, time.monotonic()
+        w.conn.send(job)
 
     def next_done(self) -> Outcome:
         limits = self._config.batch
@@ -345,7 +383,8 @@ class ProcessPool:
         """Stop ``w`` (its study ends with ``code``) and start a fresh worker in its place."""
         assert w.study is not None
         self._ready.append(
-            Outcome(w.study.study_uid, refused(w.study, status, code, self._version))
+            Outcome(w.study.study_uid, refused(w.study, status, code, self._version),
+                    site=w.site)
         )
         _kill_tree(w.process.pid)
         w.process.join()
@@ -386,27 +425,21 @@ def _kill_tree(pid: int) -> None:
 # ------------------------------------------------------------------ Dask
 
 
-_DASK_CACHE: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+_DASK_CACHE: dict[tuple[str, str], Workshop] = {}
 
 
-def _dask_screen(
-    study: StudyRef, owner: str, config: Config, archive_name: str, state_target: str
-) -> Outcome:
+def _dask_screen(job: Job, config: Config, state_target: str) -> Outcome:
     """The task run on a Dask worker: the stages are loaded once per worker process."""
     from .api import configured_views
-    from .archive import open_named
     from .run import Stages
 
-    key = (config.analysis_key() + repr(config.archives) + config.web.view_store, archive_name,
-           state_target)
+    key = (config.analysis_key() + repr(config.archives) + repr(config.sites)
+           + config.web.view_store, state_target)
     if key not in _DASK_CACHE:
-        _DASK_CACHE[key] = (
-            Stages.load(config, configured_views(config)),
-            open_named(archive_name, config),
-            StateStore(state_target) if state_target else None,
-        )
-    stages, archive, states = _DASK_CACHE[key]
-    return screen_one(study, owner, stages, archive, states)
+        _DASK_CACHE[key] = Workshop(
+            Stages.load(config, configured_views(config)), config,
+            StateStore(state_target) if state_target else None)
+    return _DASK_CACHE[key].screen(job)
 
 
 class DaskPool:
@@ -415,8 +448,7 @@ class DaskPool:
     POLL_S = 0.5
 
     def __init__(
-        self, address: str, config: Config, archive_name: str, state_target: str,
-        algorithm_version: str,
+        self, address: str, config: Config, state_target: str, algorithm_version: str,
     ) -> None:
         try:
             from distributed import Client
@@ -428,9 +460,9 @@ class DaskPool:
             self._client = Client(address, timeout=30)
         except (OSError, TimeoutError) as e:
             raise ConfigError(f"cannot reach the Dask scheduler at {address}: {e}") from e
-        self._config, self._archive_name = config, archive_name
+        self._config = config
         self._state_target, self._version = state_target, algorithm_version
-        self._futures: dict[Any, tuple[StudyRef, float]] = {}
+        self._futures: dict[Any, tuple[Job, float]] = {}
         self._ready: deque[Outcome] = deque()
         # decoding in a pool of processes is not allowed inside daemonic Dask workers
         self._task_config = replace(config, volume=replace(config.volume, decode_workers=1))
@@ -442,12 +474,12 @@ class DaskPool:
     def capacity(self) -> int:
         return self._capacity
 
-    def submit(self, study: StudyRef, owner: str) -> None:
+    def submit(self, job: Job) -> None:
         fut = self._client.submit(
-            _dask_screen, study, owner, self._task_config, self._archive_name,
-            self._state_target, pure=False, key=f"ctscreen-{study.study_uid}-{owner[-12:]}",
+            _dask_screen, job, self._task_config, self._state_target, pure=False,
+            key=f"ctscreen-{job.site}-{job.study.study_uid}-{job.owner[-12:]}",
         )
-        self._futures[fut] = (study, time.monotonic())
+        self._futures[fut] = (job, time.monotonic())
 
     def next_done(self) -> Outcome:
         from distributed import wait as dask_wait
@@ -464,7 +496,8 @@ class DaskPool:
                 done = set()
             now = time.monotonic()
             for fut in list(self._futures):
-                study, started = self._futures[fut]
+                job, started = self._futures[fut]
+                study = job.study
                 if fut in done or fut.done():
                     del self._futures[fut]
                     try:
@@ -474,14 +507,15 @@ class DaskPool:
                                   study.study_uid, type(e).__name__)
                         self._ready.append(Outcome(study.study_uid, refused(
                             study, Status.FAILED, f"worker-died:{type(e).__name__}",
-                            self._version)))
+                            self._version), site=job.site))
                 elif limit and now - started > limit:
                     del self._futures[fut]
                     fut.cancel()
                     log.error("study %s: over batch.max_study_seconds; cancelled",
                               study.study_uid)
                     self._ready.append(Outcome(study.study_uid, refused(
-                        study, Status.NOT_ANALYSED, "limit-exceeded:time", self._version)))
+                        study, Status.NOT_ANALYSED, "limit-exceeded:time", self._version),
+                        site=job.site))
         return self._ready.popleft()
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ of ``repr``, of :meth:`WorklistRow.as_json` and of the terminal table, and never
 
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -34,9 +35,11 @@ from typing import Any
 from .artefacts import OutputRef, Pattern, ScreeningResult, Status
 from .durable import open_sqlite
 
+# A study is known by its site and its UID (docs/sites.md); the site of a plain run is ''.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
+    site TEXT NOT NULL DEFAULT '',
+    study_uid TEXT NOT NULL,
     accession_number TEXT NOT NULL DEFAULT '',
     study_date TEXT NOT NULL DEFAULT '',
     status TEXT NOT NULL,
@@ -58,9 +61,16 @@ CREATE TABLE IF NOT EXISTS studies (
     fingerprint TEXT NOT NULL DEFAULT '',
     timings TEXT NOT NULL DEFAULT '{}',
     first_seen TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (site, study_uid)
 );
 """
+# the columns of a database from before sites, copied when its table is rebuilt
+_BEFORE_SITES = ("study_uid, accession_number, study_date, status, reasons, warnings, "
+                 "series_uid, series_description, n_slices, lung_right_ml, lung_left_ml, "
+                 "involved_pct, severity_score, severity_max, suspicion, pattern, n_findings, "
+                 "outputs, algorithm_version, fingerprint, timings, first_seen, updated_at, "
+                 "patient_name, patient_id")
 
 # Columns added after the first release: (name, declaration), added to an older database
 # by _migrate when it is opened.  rank_group is the ranking group of the module docstring,
@@ -81,14 +91,16 @@ _ADDED_COLUMNS = (
     ("rank_group", f"INTEGER GENERATED ALWAYS AS ({_RANK_GROUP_SQL}) VIRTUAL"),
 )
 _INDEXES = """
-CREATE INDEX IF NOT EXISTS studies_rank
-    ON studies (rank_group, COALESCE(suspicion, 0.0) DESC, study_date, study_uid);
+DROP INDEX IF EXISTS studies_rank;
+CREATE INDEX IF NOT EXISTS studies_ranked
+    ON studies (rank_group, COALESCE(suspicion, 0.0) DESC, study_date, study_uid, site);
+CREATE INDEX IF NOT EXISTS studies_site ON studies (site, rank_group);
 DROP INDEX IF EXISTS studies_date;
 CREATE INDEX IF NOT EXISTS studies_day ON studies (study_date, status, pattern);
 CREATE INDEX IF NOT EXISTS studies_updated ON studies (updated_at);
 """
 # The ranking, in SQL: the order of the module docstring (a missing score counts as 0).
-_ORDER_BY = "rank_group, COALESCE(suspicion, 0.0) DESC, study_date, study_uid"
+_ORDER_BY = "rank_group, COALESCE(suspicion, 0.0) DESC, study_date, study_uid, site"
 # The groups by name (filters of Worklist.page): "read" is group 3, the studies a reader
 # must look at without a call (not analysed, failed, a negative with a quality warning).
 GROUPS = {"typical": 0, "indeterminate": 1, "atypical": 2, "read": 3, "negative": 4}
@@ -136,6 +148,7 @@ class WorklistRow:
     patient_name: str = field(default="", repr=False)
     patient_id: str = field(default="", repr=False)
     rank_group: int = 3
+    site: str = ""  # the hospital of a regional centre ('' for a plain run)
 
     @property
     def status_text(self) -> str:
@@ -154,13 +167,16 @@ class WorklistRow:
 @dataclass(frozen=True)
 class WorklistFilter:
     """What :meth:`Worklist.page` keeps: study dates (YYYYMMDD, inclusive; empty: open),
-    a status ("analysed", "not-analysed", "failed"; empty: any) and a group of
-    :data:`GROUPS` by name (empty: any)."""
+    a status ("analysed", "not-analysed", "failed"; empty: any), a group of
+    :data:`GROUPS` by name (empty: any), one site (empty: any) and the sites a user may see
+    (None: all; an empty tuple: none)."""
 
     date_from: str = ""
     date_to: str = ""
     status: str = ""
     group: str = ""
+    site: str = ""
+    sites: tuple[str, ...] | None = None
 
     def where(self) -> tuple[str, list[Any]]:
         """The SQL condition and its parameters ("1" where nothing is filtered)."""
@@ -180,16 +196,40 @@ class WorklistFilter:
                 raise ValueError(f"expected a group of {sorted(GROUPS)}, got {self.group!r}")
             terms.append("rank_group = ?")
             args.append(GROUPS[self.group])
+        if self.site:
+            terms.append("site = ?")
+            args.append(self.site)
+        if self.sites is not None:
+            terms.append(f"site IN ({', '.join('?' * len(self.sites))})" if self.sites else "0")
+            args.extend(self.sites)
         return (" AND ".join(terms) or "1"), args
 
 
 class Worklist:
-    """SQLite-backed worklist.  One connection per process; WAL so readers never block."""
+    """SQLite-backed worklist.  One connection per process; WAL so readers never block.
 
-    def __init__(self, path: str | Path, check_same_thread: bool = True) -> None:
+    ``site``: the studies one site's run records and looks up (:meth:`for_site`); None (the
+    readers' default) sees every site, and a study is then looked up by UID alone (the first
+    site's row where two sites hold copies of it)."""
+
+    def __init__(self, path: str | Path, check_same_thread: bool = True,
+                 site: str | None = None) -> None:
         self.path = Path(path)
-        self._db = open_sqlite(self.path, SCHEMA, check_same_thread=check_same_thread)
+        self.site = site
+        self._db = open_sqlite(self.path, _SQLITE_PROBE, check_same_thread=check_same_thread)
         _migrate(self._db)
+
+    def for_site(self, site: str) -> Worklist:
+        """The same worklist (and connection) as the run of ``site`` sees it."""
+        other = copy.copy(self)
+        other.site = site
+        return other
+
+    def _scope(self, site: str | None = None) -> tuple[str, list[Any]]:
+        """The SQL condition on the site (``site``, else this object's; '' none) and its
+        parameter."""
+        site = self.site if site is None else site
+        return ("", []) if site is None else (" AND site = ?", [site])
 
     @classmethod
     def reader(cls, path: str | Path) -> Worklist:
@@ -198,6 +238,7 @@ class Worklist:
         pages open one per request while the batch writes."""
         self = cls.__new__(cls)
         self.path = Path(path)
+        self.site = None
         self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA query_only=ON")
@@ -214,13 +255,14 @@ class Worklist:
 
     def outputs(self, study_uid: str) -> list[OutputRef]:
         """The result objects recorded for the study by its last run."""
+        scope, args = self._scope()
         row = self._db.execute(
-            "SELECT outputs FROM studies WHERE study_uid = ?", (study_uid,)
-        ).fetchone()
+            f"SELECT outputs FROM studies WHERE study_uid = ?{scope} ORDER BY site",
+            (study_uid, *args)).fetchone()
         return [] if row is None else [OutputRef(**o) for o in json.loads(row["outputs"])]
 
     def record(self, result: ScreeningResult, fingerprint: str) -> None:
-        """Insert or replace the study's row in one transaction."""
+        """Insert or replace the study's row (of this object's site) in one transaction."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
         lungs = result.lung_volume_ml or (None, None)
         with self._db:
@@ -230,9 +272,9 @@ class Worklist:
                     warnings, series_uid, series_description, n_slices, lung_right_ml, lung_left_ml,
                     involved_pct, severity_score, severity_max, suspicion, pattern, n_findings,
                     outputs, algorithm_version, fingerprint, timings, first_seen, updated_at,
-                    patient_name, patient_id)
-                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-                ON CONFLICT(study_uid) DO UPDATE SET
+                    patient_name, patient_id, site)
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                ON CONFLICT(site, study_uid) DO UPDATE SET
                     accession_number=excluded.accession_number, study_date=excluded.study_date,
                     status=excluded.status, reasons=excluded.reasons,
                     warnings=excluded.warnings,
@@ -273,12 +315,16 @@ class Worklist:
                     now,
                     result.patient_name,
                     result.patient_id,
+                    self.site or "",
                 ),
             )
 
     def rows(self) -> list[WorklistRow]:
-        """Every study, ranked most urgent first (see the module docstring)."""
-        raw = self._db.execute(f"SELECT * FROM studies ORDER BY {_ORDER_BY}").fetchall()
+        """Every study (of this object's site, where it has one), ranked most urgent first
+        (see the module docstring)."""
+        scope, args = self._scope()
+        raw = self._db.execute(f"SELECT * FROM studies WHERE 1{scope} ORDER BY {_ORDER_BY}",
+                               args).fetchall()
         return [_row(r, i) for i, r in enumerate(raw, start=1)]
 
     def page(
@@ -295,9 +341,12 @@ class Worklist:
         total = self._db.execute(f"SELECT COUNT(*) FROM studies WHERE {where}", args).fetchone()
         return [_row(r, offset + i) for i, r in enumerate(raw, start=1)], int(total[0])
 
-    def get(self, study_uid: str) -> WorklistRow | None:
-        """The study's row (its rank is 0: not computed), or None."""
-        r = self._db.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+    def get(self, study_uid: str, site: str | None = None) -> WorklistRow | None:
+        """The study's row (its rank is 0: not computed) of ``site`` (default: this object's
+        scope), or None."""
+        scope, args = self._scope(site)
+        r = self._db.execute(f"SELECT * FROM studies WHERE study_uid = ?{scope} ORDER BY site",
+                             (study_uid, *args)).fetchone()
         return None if r is None else _row(r, 0)
 
     def stamp(self) -> str:
@@ -321,20 +370,42 @@ class Worklist:
         ]
 
 
+_SQLITE_PROBE = "SELECT 1;"  # the table is made (or rebuilt) by _migrate
+
+
 def _migrate(db: sqlite3.Connection) -> None:
-    """Add the columns of ``_ADDED_COLUMNS`` an older database lacks, and the indexes (in
-    one immediate transaction, so two processes opening it at once do not race)."""
+    """Create the table; or rebuild one from before sites (key: the study UID alone) with
+    the key (site, study UID), its rows keeping site ''; add the columns of
+    ``_ADDED_COLUMNS`` an older database lacks, and the indexes (in one immediate
+    transaction, so two processes opening it at once do not race)."""
     have = {r["name"] for r in db.execute("PRAGMA table_xinfo(studies)")}
-    if all(name in have for name, _ in _ADDED_COLUMNS):
+    if "site" in have and all(name in have for name, _ in _ADDED_COLUMNS):
         with db:
             db.executescript(_INDEXES)
         return
     db.execute("BEGIN IMMEDIATE")
     try:
         have = {r["name"] for r in db.execute("PRAGMA table_xinfo(studies)")}
+        old = bool(have) and "site" not in have
+        if old:
+            for name, decl in _ADDED_COLUMNS[:2]:  # patient_name, patient_id
+                if name not in have:
+                    db.execute(f"ALTER TABLE studies ADD COLUMN {name} {decl}")
+            db.execute("ALTER TABLE studies RENAME TO studies_before_sites")
+            for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                "tbl_name = 'studies_before_sites' AND sql IS NOT NULL"
+                                ).fetchall():
+                db.execute(f'DROP INDEX "{r[0]}"')
+        if not have or old:
+            db.execute(SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_xinfo(studies)")}
         for name, decl in _ADDED_COLUMNS:
             if name not in have:
                 db.execute(f"ALTER TABLE studies ADD COLUMN {name} {decl}")
+        if old:
+            db.execute(f"INSERT INTO studies ({_BEFORE_SITES}) SELECT {_BEFORE_SITES} "
+                       "FROM studies_before_sites")
+            db.execute("DROP TABLE studies_before_sites")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -378,14 +449,18 @@ def _row(r: sqlite3.Row, rank: int) -> WorklistRow:
         patient_name=r["patient_name"],
         patient_id=r["patient_id"],
         rank_group=r["rank_group"],
+        site=r["site"],
     )
 
 
 def format_table(rows: list[WorklistRow]) -> str:
-    """The worklist as a fixed-width table for a terminal."""
+    """The worklist as a fixed-width table for a terminal (with a site column where any
+    row has a site)."""
+    sites = any(r.site for r in rows)
     head = (
         f"{'#':>3}  {'flag':<13} {'score':>5}  {'involved':>8}  {'severity':>8}  "
-        f"{'lungs R/L (ml)':>14}  {'date':<8}  {'accession':<16} status"
+        f"{'lungs R/L (ml)':>14}  {'date':<8}  " + (f"{'site':<12} " if sites else "")
+        + f"{'accession':<16} status"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -397,9 +472,11 @@ def format_table(rows: list[WorklistRow]) -> str:
             if r.lung_right_ml is not None and r.lung_left_ml is not None
             else "-"
         )
+        site = f"{(r.site or '-')[:12]:<12} " if sites else ""
         lines.append(
             f"{r.rank:>3}  {r.flag:<13} {score:>5}  {inv:>8}  {sev:>8}  {lungs:>14}  "
-            f"{r.study_date or '-':<8}  {(r.accession_number or '-')[:16]:<16} {r.status_text}"
+            f"{r.study_date or '-':<8}  {site}{(r.accession_number or '-')[:16]:<16} "
+            f"{r.status_text}"
         )
     if not rows:
         lines.append("(no studies)")
