@@ -384,8 +384,9 @@ def _find(lane: _Lane, retry: Retry, started: float) -> None:
 def _set_aside(lane: _Lane, why: str, retry: Retry, started: float) -> None:
     now = time.monotonic()
     lane.down = why
-    lane.retry_at = now + retry.every_s
-    if now + retry.every_s > started + retry.until_s:
+    deadline = started + retry.until_s
+    lane.retry_at = min(now + retry.every_s, deadline)  # the last try at the deadline
+    if now >= deadline:
         lane.retry_at = float("inf")  # given up for this run
         log.error("site %s: its archive does not answer (%s); its studies wait for the "
                   "next run", lane.site or "-", why)

@@ -68,6 +68,12 @@ class DicomWebArchive:
         self.client = DICOMwebClient(
             config.url.rstrip("/"), session=session, timeout=config.timeout_s
         )
+        # No retries inside one call: dicomweb-client's default (5 attempts, exponential
+        # waits of 2-16 s, on any connection error) stalls a worker half a minute per call
+        # on an archive that is down.  Trying again is the callers' decision: the outbox
+        # backs off, a retrieval is attempted retrieve_attempts times, and the nightly
+        # batch sets a site aside and comes back to it (docs/sites.md).
+        self.client.set_http_retry_params(retry=False)
 
     @property
     def name(self) -> str:
