@@ -342,7 +342,9 @@ def batch_views(config: Config, worklist: Path) -> tuple[Config, Path | None]:
     root = view_root(config, worklist).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if config.web.view_keep_days > 0:
-        n = prune_views(root, config.web.view_keep_days)
+        # each site's views live in a folder of its own (Stages.for_site)
+        n = sum(prune_views(folder, config.web.view_keep_days)
+                for folder in [root, *(root / site for site in config.sites)])
         if n:
             log.info("views: %d older than %g days removed", n, config.web.view_keep_days)
     web = dataclasses.replace(config.web, view_store=str(root))

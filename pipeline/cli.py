@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -203,6 +204,15 @@ def _add_web_commands(sub: Any, config_help: str, archive_help: str) -> None:
     ua.add_argument("--role", required=True, choices=("radiologist", "admin", "researcher"),
                     help="radiologist: reads and reviews; admin: also the audit log; "
                     "researcher: never sees names or IDs, cannot review")
+    ua.add_argument("--site", action="append", dest="sites", metavar="SITE",
+                    help="a site (of a regional centre) whose studies the user sees; repeat "
+                    "for several (default: every site)")
+    us = uu.add_parser("sites", help="set the sites whose studies a user sees (their sessions "
+                       "end)")
+    us.add_argument("name")
+    group = us.add_mutually_exclusive_group(required=True)
+    group.add_argument("--site", action="append", dest="sites", metavar="SITE")
+    group.add_argument("--all", action="store_true", help="every site")
     up = uu.add_parser("passwd", help="set a user's password (their sessions end)")
     up.add_argument("name")
     for cmd in (ua, up):
@@ -217,6 +227,10 @@ def _add_web_commands(sub: Any, config_help: str, archive_help: str) -> None:
 
 def _web_paths(args: argparse.Namespace) -> tuple[Config, Path]:
     config = _config(args)
+    if config.sites and not args.archive:  # a regional centre: the sites' worklist
+        from .api import sites_worklist_path
+
+        return config, sites_worklist_path(args.worklist, config)
     return config, worklist_path(args.archive, args.worklist, config)
 
 
@@ -260,8 +274,16 @@ def _cmd_user(args: argparse.Namespace) -> int:
     with db.connect(path) as conn:
         cmd = args.user_command
         if cmd == "add":
-            auth.add_user(conn, args.name, args.role, _read_password(args), time.time())
-            print(f"added {args.name} ({args.role}) to {path}")
+            _check_sites(config, args.sites)
+            auth.add_user(conn, args.name, args.role, _read_password(args), time.time(),
+                          args.sites)
+            where = f", sites {', '.join(args.sites)}" if args.sites else ""
+            print(f"added {args.name} ({args.role}{where}) to {path}")
+        elif cmd == "sites":
+            _check_sites(config, args.sites)
+            auth.set_sites(conn, args.name, None if args.all else args.sites)
+            print(f"{args.name} sees {'every site' if args.all else ', '.join(args.sites)}; "
+                  "their sessions ended")
         elif cmd == "passwd":
             auth.set_password(conn, args.name, _read_password(args), time.time())
             print(f"password of {args.name} changed; their sessions ended")
@@ -272,10 +294,25 @@ def _cmd_user(args: argparse.Namespace) -> int:
             users = auth.list_users(conn)
             for u in users:
                 state = " (disabled)" if u["disabled"] else ""
-                print(f"{u['username']:<24} {u['role']:<12} since {u['created_at']}{state}")
+                sites = u["sites"]
+                seen = "every site" if sites is None else "sites " + ", ".join(sites)  # type: ignore[arg-type]
+                print(f"{u['username']:<24} {u['role']:<12} since {u['created_at']}; "
+                      f"{seen}{state}")
             if not users:
                 print(f"(no users in {path}; add one with: ctscreen user add NAME --role ROLE)")
     return 0
+
+
+def _check_sites(config: Config, sites: list[str] | None) -> None:
+    """Each site named must be one of the config's sites: (where it has any)."""
+    for site in sites or ():
+        if config.sites:
+            config.site(site)
+        else:
+            from .config import SITE_NAME
+
+            if not re.match(SITE_NAME, site):
+                raise CtscreenError(f"expected a site name, got {site!r}")
 
 
 def _date(text: str) -> date:

@@ -349,17 +349,22 @@ class Worklist:
                              (study_uid, *args)).fetchone()
         return None if r is None else _row(r, 0)
 
+    def sites(self) -> list[str]:
+        """The sites that have studies here ('' for a plain run's), sorted."""
+        return [r[0] for r in self._db.execute("SELECT DISTINCT site FROM studies ORDER BY site")]
+
     def stamp(self) -> str:
         """Changes whenever a row is recorded (the list page polls it to refresh)."""
         r = self._db.execute("SELECT COUNT(*), MAX(updated_at) FROM studies").fetchone()
         return f"{r[0]}:{r[1] or ''}"
 
     def calls_by_date(
-        self, date_from: str = "", date_to: str = ""
+        self, date_from: str = "", date_to: str = "", sites: tuple[str, ...] | None = None,
     ) -> list[tuple[str, str, str, int]]:
         """(study date, status, stored pattern, studies) for the flag rate per week of the
-        metrics page: counted on the (date, status, pattern) index alone."""
-        where, args = WorklistFilter(date_from=date_from, date_to=date_to).where()
+        metrics page (of ``sites`` only, where given): counted on the (date, status, pattern)
+        index."""
+        where, args = WorklistFilter(date_from=date_from, date_to=date_to, sites=sites).where()
         return [
             (r[0], r[1], r[2] or "", int(r[3]))
             for r in self._db.execute(

@@ -55,6 +55,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/study/{study_uid}/slice/{k}.png"): EVERYONE,
     ("GET", "/study/{study_uid}/key/{i}.png"): EVERYONE,
     ("POST", "/study/{study_uid}/review"): {"radiologist"},
+    ("GET", "/site/{site}/study/{study_uid}"): EVERYONE,
+    ("GET", "/site/{site}/study/{study_uid}/slice/{k}.png"): EVERYONE,
+    ("GET", "/site/{site}/study/{study_uid}/key/{i}.png"): EVERYONE,
+    ("POST", "/site/{site}/study/{study_uid}/review"): {"radiologist"},
     ("GET", "/reviews.csv"): EVERYONE,
     ("GET", "/metrics"): EVERYONE,
     ("GET", "/audit"): {"admin"},
@@ -206,7 +210,8 @@ def _routes(app: Any) -> Iterator[tuple[str, str]]:
 
 
 def _call(c: TestClient, method: str, path: str, csrf: str) -> Any:
-    url = (path.replace("{study_uid}", TYPICAL_UID).replace("{k}", "3").replace("{i}", "0"))
+    url = (path.replace("{study_uid}", TYPICAL_UID).replace("{k}", "3").replace("{i}", "0")
+           .replace("{site}", "north"))
     if path == "/static":
         url = "/static/style.css"
     if method == "GET":
@@ -773,3 +778,53 @@ def test_the_real_view_store_serves_the_study_page(tmp_path: Path,
     assert plain.startswith(b"\x89PNG") and both.startswith(b"\x89PNG") and plain != both
     assert c.get(f"/study/{uid}/slice/{n}.png").status_code == 404
     assert c.get(f"/study/{uid}/key/0.png").status_code == 404  # none were stored
+
+
+# ---------------------------------------------------------------- a regional centre's sites
+
+def test_a_user_of_one_hospital_sees_that_hospitals_studies_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One study UID held by two sites (a copy): two rows, each with its site; a user
+    scoped to one site sees its rows only, and the other site's study page is a 404 (not
+    a 403: nothing is learnt of another hospital's studies); reviews are per site."""
+    site = make_site(tmp_path, monkeypatch)
+    with Worklist(site.worklist) as w:
+        for name, patient in (("north", "North^Nora"), ("south", "South^Sam")):
+            w.for_site(name).record(_result(TYPICAL_UID, Pattern.TYPICAL, 0.8,
+                                            patient_name=patient, patient_id=f"P-{name}"), "f")
+    with db.connect(site.web_db) as conn:
+        auth.add_user(conn, "nora", "radiologist", PASSWORD, site.clock(), sites=["north"])
+    c = site.client()
+    token = _csrf(c.get("/login").text)
+    assert c.post("/login", data={"username": "nora", "password": PASSWORD,
+                                  "csrf": token}).status_code == 303
+    page = c.get("/worklist").text
+    assert "North^Nora" in page and "South^Sam" not in page and NAME not in page
+    assert f'href="/site/north/study/{TYPICAL_UID}"' in page
+    assert c.get(f"/site/north/study/{TYPICAL_UID}").status_code == 200
+    for other in (f"/site/south/study/{TYPICAL_UID}", f"/study/{TYPICAL_UID}",
+                  f"/site/south/study/{TYPICAL_UID}/slice/3.png"):
+        assert c.get(other).status_code == 404, other
+    csrf = _csrf(c.get(f"/site/north/study/{TYPICAL_UID}").text)
+    r = c.post(f"/site/north/study/{TYPICAL_UID}/review",
+               data={"csrf": csrf, "target": "pattern", "action": "confirm"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/site/north/study/")
+    assert c.post(f"/site/south/study/{TYPICAL_UID}/review",
+                  data={"csrf": csrf, "target": "pattern", "action": "confirm"}
+                  ).status_code == 404
+    with db.connect(site.web_db) as conn:
+        assert [(r["site"], r["study_uid"]) for r in reviews.all_reviews(conn)] == [
+            ("north", TYPICAL_UID)]
+    csv_text = c.get("/reviews.csv").text
+    assert "north" in csv_text.splitlines()[1]
+
+    # a centre user (no sites given) sees every site, with a site column and filter
+    admin, _ = site.login("admin")
+    page = admin.get("/worklist").text
+    assert "North^Nora" in page and "South^Sam" in page and NAME in page
+    assert '<select name="site">' in page
+    south_only = admin.get("/worklist?site=south").text
+    assert "South^Sam" in south_only and "North^Nora" not in south_only
+    assert admin.get("/worklist?site=../etc").status_code == 400
+    assert "Not reviewed yet" in admin.get(f"/site/south/study/{TYPICAL_UID}").text

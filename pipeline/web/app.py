@@ -37,7 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Config
+from ..config import SITE_NAME, Config
 from ..worklist import GROUPS, Worklist, WorklistFilter, WorklistRow
 from . import audit, auth, db, reviews
 from .auth import ROLES, Session, User
@@ -50,6 +50,7 @@ LOGIN_CSRF_COOKIE = "ctscreen_login_csrf"
 PUBLIC = "public"
 ALL_ROLES = frozenset(ROLES)
 STUDY_UID = re.compile(r"^[0-9A-Za-z.\-]{1,80}$")
+SITE = re.compile(SITE_NAME)
 STATUSES = ("analysed", "not-analysed", "failed")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
@@ -75,6 +76,11 @@ ROUTE_ROLES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/study/{study_uid}/slice/{k}.png"): ALL_ROLES,
     ("GET", "/study/{study_uid}/key/{i}.png"): ALL_ROLES,
     ("POST", "/study/{study_uid}/review"): frozenset({"radiologist"}),
+    # a study of a site of a regional centre (docs/sites.md)
+    ("GET", "/site/{site}/study/{study_uid}"): ALL_ROLES,
+    ("GET", "/site/{site}/study/{study_uid}/slice/{k}.png"): ALL_ROLES,
+    ("GET", "/site/{site}/study/{study_uid}/key/{i}.png"): ALL_ROLES,
+    ("POST", "/site/{site}/study/{study_uid}/review"): frozenset({"radiologist"}),
     ("GET", "/reviews.csv"): ALL_ROLES,
     ("GET", "/metrics"): ALL_ROLES,
     ("GET", "/audit"): frozenset({"admin"}),
@@ -178,6 +184,12 @@ def _visible(row: WorklistRow, user: User) -> WorklistRow:
     return dataclasses.replace(row, patient_name="", patient_id="", accession_number="")
 
 
+def study_path(row: WorklistRow) -> str:
+    """The study page's path: ``/study/UID``, or ``/site/SITE/study/UID`` for a site's."""
+    uid = quote(row.study_uid, safe="")
+    return f"/site/{quote(row.site, safe='')}/study/{uid}" if row.site else f"/study/{uid}"
+
+
 def viewer_url(template: str, row: WorklistRow) -> str:
     """The site viewer's link for the study ('' where none is configured or it is not an
     http(s) URL)."""
@@ -224,6 +236,7 @@ def create_app(
         autoescape=select_autoescape(default=True, default_for_string=True),
     )
     env.filters["dicom_date"] = _dicom_date
+    env.globals["study_path"] = study_path
     app.state.config = config
     app.state.worklist = wl
     app.state.web_db = web_db
@@ -261,30 +274,35 @@ def create_app(
         session: Session = request.state.session
         return session.user, session.csrf
 
-    def note(request: Request, action: str, study_uid: str = "", detail: str = "") -> None:
+    def note(request: Request, action: str, study_uid: str = "", detail: str = "",
+             site: str = "") -> None:
         user, _ = who(request)
+        if site:
+            detail = f"site {site}" + (f" {detail}" if detail else "")
         with db.connect(web_db) as conn:
             audit.record(conn, clock(), user.username, user.role, action, study_uid, detail,
                          _client(request))
 
-    def study_row(study_uid: str) -> WorklistRow:
-        if not STUDY_UID.match(study_uid):
+    def study_row(study_uid: str, site: str, user: User) -> WorklistRow:
+        """The study's row, where it exists and the user may see its site (else 404: a
+        user of one hospital learns nothing of another's studies)."""
+        if not STUDY_UID.match(study_uid) or (site and not SITE.match(site)):
             raise StarletteHTTPException(404, "No such study.")
         reader = Worklist.reader(wl)
         try:
-            row = reader.get(study_uid)
+            row = reader.get(study_uid, site)
         finally:
             reader.close()
-        if row is None:
+        if row is None or not user.sees_site(row.site):
             raise StarletteHTTPException(404, "No such study.")
         return row
 
-    def open_view(study_uid: str) -> Any:
+    def open_view(study_uid: str, site: str) -> Any:
         try:
             from .viewer import StudyView
         except ImportError:  # the view store's module is optional here
             return None
-        return StudyView.open(views, study_uid)
+        return StudyView.open(views / site if site else views, study_uid)
 
     # ------------------------------------------------------------ login
 
@@ -358,26 +376,33 @@ def create_app(
     @app.get("/worklist")
     @allow(*ROLES)
     def worklist_page(request: Request, date_from: str = "", date_to: str = "",
-                      status: str = "", group: str = "", page: int = 1) -> Response:
+                      status: str = "", group: str = "", site: str = "",
+                      page: int = 1) -> Response:
         user, _ = who(request)
         if status and status not in STATUSES:
             raise StarletteHTTPException(400, "expected a known status")
         if group and group not in GROUPS:
             raise StarletteHTTPException(400, "expected a known flag group")
-        filters = WorklistFilter(_form_date(date_from), _form_date(date_to), status, group)
+        if site and not SITE.match(site):
+            raise StarletteHTTPException(400, "expected a site name")
+        filters = WorklistFilter(_form_date(date_from), _form_date(date_to), status, group,
+                                 site, user.sites)
         size = max(1, cfg.page_size)
         page = max(1, page)
         reader = Worklist.reader(wl)
         try:
             rows, total = reader.page((page - 1) * size, size, filters)
             stamp = reader.stamp()
+            sites = [s for s in reader.sites() if s and user.sees_site(s)]
         finally:
             reader.close()
         rows = [_visible(r, user) for r in rows]
         with db.connect(web_db) as conn:
-            done = reviews.reviewed(conn, [r.study_uid for r in rows])
-        note(request, "view-worklist", detail=" ".join(r.study_uid for r in rows))
-        query = {"date_from": date_from, "date_to": date_to, "status": status, "group": group}
+            done = reviews.reviewed(conn, [(r.site, r.study_uid) for r in rows])
+        note(request, "view-worklist", detail=" ".join(
+            f"{r.site}/{r.study_uid}" if r.site else r.study_uid for r in rows))
+        query = {"date_from": date_from, "date_to": date_to, "status": status, "group": group,
+                 "site": site}
         pages = max(1, math.ceil(total / size))
 
         def page_url(n: int) -> str:
@@ -386,7 +411,7 @@ def create_app(
 
         return render(request, "worklist.html", rows=rows, total=total, page=page,
                       pages=pages, page_url=page_url, query=query, statuses=STATUSES,
-                      groups=list(GROUPS), reviewed=done, stamp=stamp,
+                      groups=list(GROUPS), reviewed=done, stamp=stamp, sites=sites,
                       refresh_s=cfg.list_refresh_s, sees_identity=user.sees_identity)
 
     @app.get("/worklist/stamp")
@@ -400,12 +425,13 @@ def create_app(
 
     # ------------------------------------------------------------ a study
 
+    @app.get("/site/{site}/study/{study_uid}")
     @app.get("/study/{study_uid}")
     @allow(*ROLES)
-    def study_page(request: Request, study_uid: str) -> Response:
+    def study_page(request: Request, study_uid: str, site: str = "") -> Response:
         user, _ = who(request)
-        row = _visible(study_row(study_uid), user)
-        view = open_view(study_uid)
+        row = _visible(study_row(study_uid, site, user), user)
+        view = open_view(study_uid, site)
         try:
             n_slices = view.n_slices if view is not None else 0
             n_key = view.n_key_images if view is not None else 0
@@ -414,23 +440,24 @@ def create_app(
             if view is not None:
                 view.close()
         with db.connect(web_db) as conn:
-            history = [dict(h) for h in reviews.for_study(conn, study_uid)]
+            history = [dict(h) for h in reviews.for_study(conn, study_uid, site)]
         if not user.sees_identity:  # a reader may have typed a name into a comment
             history = [{**h, "comment": ""} for h in history]
-        note(request, "view-study", study_uid)
+        note(request, "view-study", study_uid, site=site)
         call = reviews.category(row.pattern) if row.status == "analysed" else ""
         start = max((f.get("slice", 0) for f in findings[:1]), default=n_slices // 2)
         return render(
             request, "study.html", row=row, n_slices=n_slices, n_key=n_key, findings=findings,
             start_slice=start, history=history, call=call, categories=reviews.CATEGORIES,
             viewer=viewer_url(cfg.viewer_url_template, row), sees_identity=user.sees_identity,
-            may_review=user.role == "radiologist", base=f"/study/{quote(study_uid)}",
+            may_review=user.role == "radiologist", base=study_path(row),
         )
 
-    def image(request: Request, study_uid: str, draw: Callable[[Any], bytes]) -> Response:
+    def image(request: Request, study_uid: str, site: str,
+              draw: Callable[[Any], bytes]) -> Response:
         user, _ = who(request)
-        study_row(study_uid)
-        view = open_view(study_uid)
+        study_row(study_uid, site, user)
+        view = open_view(study_uid, site)
         if view is None:
             raise StarletteHTTPException(404, "No images are stored for this study.")
         try:
@@ -444,24 +471,28 @@ def create_app(
                                     _client(request))
         return Response(data, media_type="image/png")
 
+    @app.get("/site/{site}/study/{study_uid}/slice/{k}.png")
     @app.get("/study/{study_uid}/slice/{k}.png")
     @allow(*ROLES)
-    def slice_png(request: Request, study_uid: str, k: int, overlays: str = "") -> Response:
+    def slice_png(request: Request, study_uid: str, k: int, overlays: str = "",
+                  site: str = "") -> Response:
         chosen = frozenset(o for o in overlays.split(",") if o)
         if not chosen <= {"lungs", "lesions"}:
             raise StarletteHTTPException(400, "expected overlays of lungs, lesions")
-        return image(request, study_uid, lambda v: bytes(v.slice_png(k, chosen)))
+        return image(request, study_uid, site, lambda v: bytes(v.slice_png(k, chosen)))
 
+    @app.get("/site/{site}/study/{study_uid}/key/{i}.png")
     @app.get("/study/{study_uid}/key/{i}.png")
     @allow(*ROLES)
-    def key_png(request: Request, study_uid: str, i: int) -> Response:
-        return image(request, study_uid, lambda v: bytes(v.key_image_png(i)))
+    def key_png(request: Request, study_uid: str, i: int, site: str = "") -> Response:
+        return image(request, study_uid, site, lambda v: bytes(v.key_image_png(i)))
 
+    @app.post("/site/{site}/study/{study_uid}/review")
     @app.post("/study/{study_uid}/review")
     @allow("radiologist")
-    async def review(request: Request, study_uid: str) -> Response:
+    async def review(request: Request, study_uid: str, site: str = "") -> Response:
         user, _ = who(request)
-        row = await run_in_threadpool(study_row, study_uid)
+        row = await run_in_threadpool(study_row, study_uid, site, user)
         form = await request.form()
         call = reviews.category(row.pattern) if row.status == "analysed" else ""
         target = str(form.get("target", ""))
@@ -475,15 +506,17 @@ def create_app(
                     comment=str(form.get("comment", "")), call=call,
                     study_date=row.study_date, algorithm_version=row.algorithm_version,
                     n_findings=row.n_findings, username=user.username, at=audit.iso(clock()),
+                    site=row.site,
                 )
+                where = f"site {row.site} " if row.site else ""
                 audit.record(conn, clock(), user.username, user.role, "review", study_uid,
-                             f"{target} {form.get('action', '')}", _client(request))
+                             f"{where}{target} {form.get('action', '')}", _client(request))
 
         try:
             await run_in_threadpool(store)
         except reviews.ReviewError as e:
             raise StarletteHTTPException(400, str(e)) from None
-        return RedirectResponse(f"/study/{quote(study_uid)}#reviews", 303)
+        return RedirectResponse(f"{study_path(row)}#reviews", 303)
 
     # ------------------------------------------------------------ reviews and figures
 
@@ -492,27 +525,28 @@ def create_app(
     def reviews_csv(request: Request) -> Response:
         user, _ = who(request)
         with db.connect(web_db) as conn:
-            rows = reviews.all_reviews(conn)
-        identity: dict[str, WorklistRow | None] = {}
+            rows = reviews.all_reviews(conn, user.sites)
+        identity: dict[tuple[str, str], WorklistRow | None] = {}
         if user.sees_identity:
             reader = Worklist.reader(wl)
             try:
                 for r in rows:
-                    if r["study_uid"] not in identity:
-                        identity[r["study_uid"]] = reader.get(r["study_uid"])
+                    key = (r["site"], r["study_uid"])
+                    if key not in identity:
+                        identity[key] = reader.get(r["study_uid"], r["site"])
             finally:
                 reader.close()
-        header = ["review_id", "at", "username", "study_uid", "study_date", "target",
+        header = ["review_id", "at", "username", "site", "study_uid", "study_date", "target",
                   "action", "reader_category", "call", "algorithm_version"]
         if user.sees_identity:
             header += ["patient_name", "patient_id", "accession_number", "comment"]
 
         def line(r: Any) -> list[object]:
-            out: list[object] = [r["id"], r["at"], r["username"], r["study_uid"],
+            out: list[object] = [r["id"], r["at"], r["username"], r["site"], r["study_uid"],
                                  r["study_date"], r["target"], r["action"],
                                  r["reader_category"], r["call"], r["algorithm_version"]]
             if user.sees_identity:
-                w = identity.get(r["study_uid"])
+                w = identity.get((r["site"], r["study_uid"]))
                 out += [w.patient_name if w else "", w.patient_id if w else "",
                         w.accession_number if w else "", r["comment"]]
             return out
@@ -525,16 +559,17 @@ def create_app(
     @app.get("/metrics")
     @allow(*ROLES)
     def metrics(request: Request, weeks: int = 26) -> Response:
+        user, _ = who(request)
         weeks = min(max(1, weeks), 520)
         today = datetime.fromtimestamp(clock(), UTC).date()
         first = today - timedelta(days=7 * (weeks - 1))
         first = first - timedelta(days=first.weekday())  # its Monday
         y, w, _ = first.isocalendar()
         with db.connect(web_db) as conn:
-            rows = reviews.all_reviews(conn)
+            rows = reviews.all_reviews(conn, user.sites)
         reader = Worklist.reader(wl)
         try:
-            calls = reader.calls_by_date(date_from=first.strftime("%Y%m%d"))
+            calls = reader.calls_by_date(date_from=first.strftime("%Y%m%d"), sites=user.sites)
         finally:
             reader.close()
         table, total = reviews.weekly(rows, calls, cfg, since_week=f"{y}-W{w:02d}")

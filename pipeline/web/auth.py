@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -41,6 +43,11 @@ class User:
     id: int
     username: str
     role: str
+    # the sites (hospitals of a regional centre) whose studies this user sees; None: all
+    sites: tuple[str, ...] | None = None
+
+    def sees_site(self, site: str) -> bool:
+        return self.sites is None or site in self.sites
 
     @property
     def sees_identity(self) -> bool:
@@ -82,7 +89,13 @@ def check_password_rules(password: str) -> None:
         )
 
 
-def add_user(db: sqlite3.Connection, username: str, role: str, password: str, now: float) -> None:
+def _sites(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(json.loads(value))
+
+
+def add_user(db: sqlite3.Connection, username: str, role: str, password: str, now: float,
+             sites: Sequence[str] | None = None) -> None:
+    """A new user; ``sites``: the sites whose studies they see (None: every site)."""
     if not USERNAME.match(username):
         raise CtscreenError(
             "expected a user name of 1-64 letters, digits and . _ @ -, got something else"
@@ -94,8 +107,9 @@ def add_user(db: sqlite3.Connection, username: str, role: str, password: str, no
         with db:
             db.execute(
                 "INSERT INTO users (username, role, password_hash, created_at, "
-                "password_changed_at) VALUES (?,?,?,?,?)",
-                (username, role, hash_password(password), _iso(now), _iso(now)),
+                "password_changed_at, sites) VALUES (?,?,?,?,?,?)",
+                (username, role, hash_password(password), _iso(now), _iso(now),
+                 None if sites is None else json.dumps(sorted(set(sites)))),
             )
     except sqlite3.IntegrityError:
         raise CtscreenError(f"a user named {username!r} exists already") from None
@@ -133,10 +147,22 @@ def _end_sessions(db: sqlite3.Connection, username: str) -> None:
     )
 
 
+def set_sites(db: sqlite3.Connection, username: str, sites: Sequence[str] | None) -> None:
+    """The sites whose studies ``username`` sees (None: every site); their sessions end."""
+    with db:
+        n = db.execute("UPDATE users SET sites = ? WHERE username = ?",
+                       (None if sites is None else json.dumps(sorted(set(sites))),
+                        username)).rowcount
+    if n != 1:
+        raise CtscreenError(f"no user named {username!r}")
+    _end_sessions(db, username)
+
+
 def list_users(db: sqlite3.Connection) -> list[dict[str, object]]:
     return [
         {"username": r["username"], "role": r["role"], "disabled": bool(r["disabled"]),
-         "created_at": r["created_at"], "password_changed_at": r["password_changed_at"]}
+         "created_at": r["created_at"], "password_changed_at": r["password_changed_at"],
+         "sites": _sites(r["sites"])}
         for r in db.execute("SELECT * FROM users ORDER BY username")
     ]
 
@@ -186,7 +212,7 @@ def authenticate(
         if hasher.check_needs_rehash(stored):
             db.execute("UPDATE users SET password_hash = ? WHERE id = ?",
                        (hasher.hash(password), row["id"]))
-    return User(row["id"], row["username"], row["role"])
+    return User(row["id"], row["username"], row["role"], _sites(row["sites"]))
 
 
 def _token_hash(token: str) -> str:
@@ -214,7 +240,7 @@ def lookup_session(
         return None
     th = _token_hash(token)
     r = db.execute(
-        "SELECT s.*, u.username, u.role, u.disabled FROM sessions s JOIN users u "
+        "SELECT s.*, u.username, u.role, u.disabled, u.sites FROM sessions s JOIN users u "
         "ON u.id = s.user_id WHERE s.token_hash = ?",
         (th,),
     ).fetchone()
@@ -227,7 +253,7 @@ def lookup_session(
     if touch:
         with db:
             db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", (now, th))
-    user = User(r["user_id"], r["username"], r["role"])
+    user = User(r["user_id"], r["username"], r["role"], _sites(r["sites"]))
     return Session(user, r["csrf"], r["created"], now if touch else r["last_seen"])
 
 

@@ -77,9 +77,31 @@ def web_db_path(config: Config, worklist: Path) -> Path:
     return worklist.with_name(worklist.stem + ".web.sqlite")
 
 
+# Columns added after the first release: (table, column, declaration).  users.sites: the
+# sites (hospitals of a regional centre) whose studies the user sees, as a JSON list; NULL:
+# every site.  reviews.site: the study's site ('' for a plain run).
+_ADDED = (
+    ("users", "sites", "TEXT"),
+    ("reviews", "site", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
 def create(path: Path) -> None:
     """Create the database (or bring an existing one to this schema)."""
-    open_sqlite(path, SCHEMA).close()
+    db = open_sqlite(path, SCHEMA)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, decl in _ADDED:
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.close()
 
 
 @contextmanager

@@ -56,7 +56,7 @@ class ReviewError(ValueError):
 def add_review(
     db: sqlite3.Connection, *, study_uid: str, target: str, action: str, reader_category: str,
     comment: str, call: str, study_date: str, algorithm_version: str, n_findings: int,
-    username: str, at: str,
+    username: str, at: str, site: str = "",
 ) -> None:
     """Store one review, checked: a known target, a known action, a reject of the pattern
     naming another category than the call, a comment within MAX_COMMENT characters."""
@@ -86,29 +86,35 @@ def add_review(
     with db:
         db.execute(
             "INSERT INTO reviews (study_uid, target, action, reader_category, comment, call, "
-            "study_date, algorithm_version, username, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "study_date, algorithm_version, username, at, site) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (study_uid, target, action, reader_category, comment, call, study_date,
-             algorithm_version, username, at),
+             algorithm_version, username, at, site),
         )
 
 
-def for_study(db: sqlite3.Connection, study_uid: str) -> list[sqlite3.Row]:
-    return db.execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id",
-                      (study_uid,)).fetchall()
+def for_study(db: sqlite3.Connection, study_uid: str, site: str = "") -> list[sqlite3.Row]:
+    """The reviews of the study of ``site`` (a copy at another site has its own)."""
+    return db.execute("SELECT * FROM reviews WHERE study_uid = ? AND site = ? ORDER BY id",
+                      (study_uid, site)).fetchall()
 
 
-def reviewed(db: sqlite3.Connection, study_uids: Sequence[str]) -> set[str]:
-    """Which of the studies have a confirm / reject of their pattern."""
-    if not study_uids:
+def reviewed(db: sqlite3.Connection, studies: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of the (site, study UID) pairs have a confirm / reject of their pattern."""
+    uids = sorted({uid for _, uid in studies})
+    if not uids:
         return set()
-    marks = ",".join("?" * len(study_uids))
-    return {r[0] for r in db.execute(
-        f"SELECT DISTINCT study_uid FROM reviews WHERE target = 'pattern' AND action <> "
-        f"'comment' AND study_uid IN ({marks})", list(study_uids))}
+    marks = ",".join("?" * len(uids))
+    found = {(r[0], r[1]) for r in db.execute(
+        f"SELECT DISTINCT site, study_uid FROM reviews WHERE target = 'pattern' AND action <> "
+        f"'comment' AND study_uid IN ({marks})", uids)}
+    return found & set(studies)
 
 
-def all_reviews(db: sqlite3.Connection) -> list[sqlite3.Row]:
-    return db.execute("SELECT * FROM reviews ORDER BY id").fetchall()
+def all_reviews(db: sqlite3.Connection,
+                sites: Sequence[str] | None = None) -> list[sqlite3.Row]:
+    """Every review (of ``sites`` only, where given)."""
+    rows = db.execute("SELECT * FROM reviews ORDER BY id").fetchall()
+    return rows if sites is None else [r for r in rows if r["site"] in sites]
 
 
 # ------------------------------------------------------------------ figures
