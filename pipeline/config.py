@@ -279,6 +279,18 @@ class SiteConfig:
 
 
 @dataclass(frozen=True)
+class ListenTlsConfig:
+    """DIMSE over TLS for ``ctscreen listen``: our certificate, and the CA that the sending
+    nodes' certificates must be signed by (paths to PEM files)."""
+
+    enabled: bool = False
+    cert_file: str = ""  # our certificate (chain), PEM
+    key_file: str = ""  # its private key (default: inside cert_file)
+    ca_file: str = ""  # the CA(s) a sender's certificate is checked against
+    require_client_cert: bool = True  # a sender without a certificate that verifies: refused
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     """``ctscreen listen``: a C-STORE SCP that screens each study once it is complete."""
 
@@ -290,6 +302,7 @@ class ListenConfig:
     stability_timeout_s: float = 30.0  # a study is complete when nothing arrived for this long
     results_archive: str = ""  # name under archives: where results go; empty: the spool folder
     delete_after_screening: bool = True  # drop received files of a screened study
+    tls: ListenTlsConfig = field(default_factory=ListenTlsConfig)
 
 
 @dataclass(frozen=True)
@@ -553,6 +566,10 @@ def load_config(path: str | Path | None = None) -> Config:
     for name, a in config.archives.items():
         _check_archive(name, a, p.name)
     _check_sites(config, p.name)
+    t = config.listen.tls
+    if t.enabled and (not t.cert_file or (t.require_client_cert and not t.ca_file)):
+        raise ConfigError(f"{p.name}: listen.tls: expected cert_file (and ca_file, the CA of "
+                          "the senders' certificates, unless require_client_cert is false)")
     return config
 
 
@@ -626,6 +643,9 @@ def _check_archive(name: str, a: ArchiveConfig, where: str) -> None:
                 raise ConfigError(f"{at}: expected AE titles of at most 16 characters, got {ae!r}")
     if a.kind == "dicomweb" and not a.url.startswith(("http://", "https://")):
         raise ConfigError(f"{at}.url: expected an http(s) URL, got {a.url!r}")
+    if a.kind == "dicomweb" and a.tls.enabled and not a.url.startswith("https://"):
+        raise ConfigError(f"{at}: tls.enabled with a plain http:// URL: expected https:// "
+                          "(ctscreen never sends over plain text what TLS was asked for)")
     if a.delete not in DELETE_METHODS:
         raise ConfigError(f"{at}.delete: expected one of {list(DELETE_METHODS)}, got {a.delete!r}")
     if a.delete == "orthanc-rest" and not a.rest_url.startswith(("http://", "https://")):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -45,7 +46,7 @@ from .archive import Archive
 from .archive.folder import FolderArchive
 from .artefacts import QueryWindow
 from .batch import BatchSummary, run_batch
-from .config import ListenConfig
+from .config import ListenConfig, ListenTlsConfig
 from .durable import TMP_PREFIX
 from .errors import ConfigError
 from .outbox import Outbox
@@ -103,6 +104,23 @@ class RoutedArchive:
         return self.sink.contains(study_uid, sop_instance_uid)
 
 
+def server_tls(tls: ListenTlsConfig) -> ssl.SSLContext | None:
+    """The TLS context of the receiving node (None without TLS): TLS 1.2 or later, our
+    certificate, and each sender's certificate required and checked against ``ca_file``
+    (mutual TLS; a sender whose certificate does not verify fails the handshake)."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
+                                     cafile=tls.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"listen.tls: cannot load our certificate {tls.cert_file}: {e}") from e
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
 class Listener:
     """The receiving node.  ``start()`` returns at once; ``stop()`` ends it cleanly."""
 
@@ -157,14 +175,16 @@ class Listener:
             (self.config.bind_address, self.config.port),
             block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, _log_reject)],
+            ssl_context=server_tls(self.config.tls),
         )
         self._worker = threading.Thread(target=self._loop, name="ctscreen-screen", daemon=True)
         self._worker.start()
         host, port = self.address
         log.info(
-            "listening as %s on %s:%d; accepting %s; a study is complete after %.0f s quiet",
-            self.config.ae_title, host, port, ", ".join(self.config.allowed_calling_aes),
-            self.config.stability_timeout_s,
+            "listening as %s on %s:%d%s; accepting %s; a study is complete after %.0f s quiet",
+            self.config.ae_title, host, port,
+            " over TLS (senders' certificates checked)" if self.config.tls.enabled else "",
+            ", ".join(self.config.allowed_calling_aes), self.config.stability_timeout_s,
         )
 
     def stop(self) -> None:

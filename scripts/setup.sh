@@ -5,7 +5,8 @@
 # dcmtk, whose storescu/findscu are the independent DICOM implementation the tests talk to;
 # postgresql, the server the tests start in a temporary folder for the shared batch state;
 # nodejs and npm, which run OHIF's SR extension from tests/ohif; chromium and chromium-driver,
-# the headless browser that tests/test_web_browser.py drives through Selenium).
+# the headless browser that tests/test_web_browser.py drives through Selenium; openssl, which
+# makes the throw-away certificate authority of tests/test_tls.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,7 @@ if [[ "${1:-}" == "--test" ]]; then
     command -v npm >/dev/null || missing+=(npm)
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     [[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
+    command -v openssl >/dev/null || missing+=(openssl)
     if ((${#missing[@]})); then
         echo "installing Debian packages: ${missing[*]}"
         sudo_cmd=""

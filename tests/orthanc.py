@@ -69,8 +69,10 @@ class Orthanc:
     and retrieve (and be C-MOVE destinations).
     """
 
-    def __init__(self, root: Path, modalities: dict[str, tuple[str, int]]) -> None:
+    def __init__(self, root: Path, modalities: dict[str, tuple[str, int]],
+                 extra: dict[str, Any] | None = None) -> None:
         self.root = root
+        self.extra = dict(extra or {})  # more settings (e.g. DICOM TLS, HTTPS)
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities
@@ -121,6 +123,7 @@ class Orthanc:
             "DicomScpTimeout": 30,
             "StableAge": 2,
         }
+        config.update(self.extra)
         (cfg_dir / "orthanc.json").write_text(json.dumps(config, indent=2))
         return cfg_dir
 

@@ -29,6 +29,7 @@ from ..artefacts import QueryWindow
 from ..config import ArchiveConfig
 from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused
 from . import locator, retrieve_series
+from .http import archive_session
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,11 @@ class DicomWebArchive:
     def __init__(self, name: str, config: ArchiveConfig) -> None:
         self._name = name
         self.config = config
-        session = requests.Session()
+        session = archive_session(config, config.url)
         if config.username:
             session.auth = (config.username, secret_from_env(config.password_env))
         if config.token_env:
             session.headers["Authorization"] = f"Bearer {secret_from_env(config.token_env)}"
-        if config.tls.enabled or config.url.startswith("https://"):
-            session.verify = config.tls.ca_file or True
-            if config.tls.cert_file:
-                session.cert = (config.tls.cert_file, config.tls.key_file or config.tls.cert_file)
         self.client = DICOMwebClient(
             config.url.rstrip("/"), session=session, timeout=config.timeout_s
         )

@@ -90,6 +90,19 @@ STORE_OK = {0x0000, 0xB000, 0xB006, 0xB007}
 PENDING = {0xFF00, 0xFF01}
 
 
+def _client_certificate_refused(tsock: ssl.SSLSocket) -> str:
+    """Under TLS 1.3 a server's verdict on our certificate arrives after the handshake, as
+    an alert on the first read: the alert's text, or '' where the server just waits."""
+    tsock.settimeout(1.0)
+    try:
+        tsock.recv(1)
+    except ssl.SSLError as e:
+        return str(e)
+    except OSError:  # a timeout: the server waits for our request, as it should
+        return ""
+    return ""
+
+
 class DimseArchive:
     """A PACS reached by DIMSE, as configured under ``archives: NAME``."""
 
@@ -171,13 +184,16 @@ class DimseArchive:
                 tls = self._tls_args()
                 if tls is not None:
                     try:
-                        with tls[0].wrap_socket(sock, server_hostname=tls[1]):
-                            pass
+                        with tls[0].wrap_socket(sock, server_hostname=tls[1]) as tsock:
+                            refused = _client_certificate_refused(tsock)
                     except (ssl.SSLError, ssl.CertificateError, OSError) as e:
                         return (
                             f"TLS handshake with {where} failed: {e} "
                             "(does the archive speak TLS on this port? certificate trusted?)"
                         )
+                    if refused:
+                        return (f"TLS: {where} refused our client certificate ({refused}; "
+                                "is it signed by a CA the archive trusts?)")
         except ConnectionRefusedError:
             return f"connection refused by {where} (nothing listens there: archive down?)"
         except TimeoutError:

@@ -19,18 +19,14 @@ class OrthancRestDelete:
 
     def __init__(self, name: str, config: ArchiveConfig) -> None:
         from .dicomweb import secret_from_env
+        from .http import archive_session
 
         self._name = name
         self._url = config.rest_url.rstrip("/")
         self._timeout = config.timeout_s
-        self._session = requests.Session()
+        self._session = archive_session(config, self._url)
         if config.username:
             self._session.auth = (config.username, secret_from_env(config.password_env))
-        if config.tls.enabled or self._url.startswith("https://"):
-            self._session.verify = config.tls.ca_file or True
-            if config.tls.cert_file:
-                self._session.cert = (config.tls.cert_file,
-                                      config.tls.key_file or config.tls.cert_file)
 
     def __call__(self, ref: OutputRef) -> None:
         """Delete the instance ``ref`` names; one that is already gone is fine."""
