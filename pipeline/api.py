@@ -327,7 +327,8 @@ def listener(config: Config | str | Path | None = None, *,
         else spool.parent / f"{spool.name}.ctscreen.sqlite"
     )
     cfg, views = batch_views(cfg, wl_path)
-    return Listener(lc, Stages.load(cfg, views), wl_path, results, outbox_path(wl_path, cfg))
+    stages = Stages.load(cfg, views).for_site(lc.site)  # its site's rules and view folder
+    return Listener(lc, stages, wl_path, results, outbox_path(wl_path, cfg))
 
 
 def batch_views(config: Config, worklist: Path) -> tuple[Config, Path | None]:

@@ -303,6 +303,8 @@ class ListenConfig:
     results_archive: str = ""  # name under archives: where results go; empty: the spool folder
     delete_after_screening: bool = True  # drop received files of a screened study
     tls: ListenTlsConfig = field(default_factory=ListenTlsConfig)
+    # the site (of sites:) whose studies this node receives; '' : none (a plain site)
+    site: str = ""
 
 
 @dataclass(frozen=True)
@@ -566,6 +568,10 @@ def load_config(path: str | Path | None = None) -> Config:
     for name, a in config.archives.items():
         _check_archive(name, a, p.name)
     _check_sites(config, p.name)
+    if config.listen.site and config.listen.site not in config.sites:
+        raise ConfigError(f"{p.name}: listen.site: expected a site of sites: "
+                          f"({', '.join(sorted(config.sites)) or 'none'}), "
+                          f"got {config.listen.site!r}")
     t = config.listen.tls
     if t.enabled and (not t.cert_file or (t.require_client_cert and not t.ca_file)):
         raise ConfigError(f"{p.name}: listen.tls: expected cert_file (and ca_file, the CA of "

@@ -269,7 +269,8 @@ class Listener:
         log.info("study %s complete (%d files); screening", study, len(list(folder.glob("*.dcm"))))
         archive = RoutedArchive(FolderArchive(folder), self.results)
         try:
-            summary = run_batch(archive, self.stages, worklist, outbox=outbox)
+            summary = run_batch(archive, self.stages, worklist, outbox=outbox,
+                                site=self.config.site)
         except Exception:  # one study's defect must not stop the node
             log.exception("study %s: screening failed; its files stay in %s", study, folder)
             return

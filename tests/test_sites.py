@@ -300,3 +300,57 @@ def test_a_site_has_its_own_selection_rules_and_run_site_screens_one_site(
     with Worklist(db) as wl:
         got = {r.site: r.status for r in wl.rows() if r.study_uid == uid}
     assert got == {"small": "not-analysed", "big": "analysed"}
+
+
+@pytest.mark.heavy
+def test_a_receiving_node_of_a_site_records_its_studies_as_that_sites(tmp_path: Path) -> None:
+    """``listen.site``: what the node receives is screened with its site's rules and
+    recorded under its site."""
+    from orthanc import free_port
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pipeline.api import listener
+
+    _write_studies(tmp_path / "files", 1, "rx")
+    (uid,) = [derive_uid(0, "rx-study")]
+    port = free_port()
+    cfg = _config(tmp_path, f"""
+archives:
+  a-folder: {{kind: folder, path: '{tmp_path / "a"}'}}
+selection: {{max_slice_thickness_mm: 4.0}}
+lungs: {{method: classical}}
+batch: {{disk_reserve_mb: 0}}
+web: {{store_views: false}}
+sites:
+  north: {{archives: [a-folder]}}
+listen: {{ae_title: NODE, port: {port}, allowed_calling_aes: [SENDER], site: north,
+          spool: '{tmp_path / "spool"}', stability_timeout_s: 1.0}}
+""")
+    db = tmp_path / "node.sqlite"
+    node = listener(cfg, worklist=db)
+    node.start()
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
+        assert assoc.is_established
+        for f in sorted((tmp_path / "files").rglob("*.dcm")):
+            assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+        assoc.release()
+        import time
+
+        deadline = time.monotonic() + 120
+        while not node.summaries and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        node.stop()
+    (summary,) = node.summaries
+    assert summary.site == "north" and summary.by_status == {"analysed": 1}, summary.as_json()
+    with Worklist(db) as wl:
+        assert [(r.site, r.study_uid) for r in wl.rows()] == [("north", uid)]
+
+
+def test_listen_site_must_be_a_configured_site(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"listen\.site"):
+        load_config(_config(tmp_path, "listen: {site: nowhere}\n"))
