@@ -31,7 +31,7 @@ from .archive import Archive
 from .archive.folder import RESULTS_DIR
 from .artefacts import OutputRef, QueryWindow, ScreeningResult, Status, StudyRef
 from .durable import remove_orphaned_temporaries
-from .errors import ArchiveError
+from .errors import ArchiveError, TlsRefused
 from .ingest import find_studies
 from .outbox import DELIVERED, Outbox
 from .run import Stages, timed
@@ -367,7 +367,7 @@ def _find(lane: _Lane, retry: Retry, started: float) -> None:
         except ArchiveError as e:
             if not retry.every_s:
                 raise
-            _set_aside(lane, f"{name}: {e}", retry, started)
+            _set_aside(lane, f"{name}: {e}", retry, started, final=isinstance(e, TlsRefused))
             return
         for study in found:
             studies.setdefault(study.study_uid, (study, name))
@@ -381,12 +381,16 @@ def _find(lane: _Lane, retry: Retry, started: float) -> None:
         log.info("site %s: %d studies found", lane.site, len(studies))
 
 
-def _set_aside(lane: _Lane, why: str, retry: Retry, started: float) -> None:
+def _set_aside(lane: _Lane, why: str, retry: Retry, started: float,
+               final: bool = False) -> None:
+    """The lane waits for its archive: tried again later in the run, or (``final``: its
+    certificates are at fault, which waiting does not mend; or past the deadline) not
+    again in this run."""
     now = time.monotonic()
     lane.down = why
     deadline = started + retry.until_s
     lane.retry_at = min(now + retry.every_s, deadline)  # the last try at the deadline
-    if now >= deadline:
+    if now >= deadline or final:
         lane.retry_at = float("inf")  # given up for this run
         log.error("site %s: its archive does not answer (%s); its studies wait for the "
                   "next run", lane.site or "-", why)

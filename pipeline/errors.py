@@ -64,6 +64,12 @@ class ArchiveUnavailable(ArchiveError):
     TLS failure, aborted association): worth trying again later."""
 
 
+class TlsRefused(ArchiveError):
+    """A TLS peer's certificate did not verify, or the peer refused ours: it will not heal
+    by trying again; someone must fix the certificates (the nightly batch does not retry
+    such a site)."""
+
+
 class StoreRefused(ArchiveError):
     """The archive answered a store with a failure status: trying the same object again
     unchanged will fail the same way, so it is recorded, not retried blindly."""

@@ -237,3 +237,39 @@ def test_listen_tls_needs_its_certificate_and_the_senders_ca(tmp_path: Path) -> 
     bad.write_text("listen: {tls: {enabled: true, cert_file: x.crt}}\n")
     with pytest.raises(ConfigError, match="ca_file"):
         load_config(bad)
+
+
+def test_a_site_whose_certificate_does_not_verify_is_not_retried_all_night(
+    tls_orthanc: Orthanc, pki: dict[str, dict[str, Path]], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Waiting does not mend a certificate: ``ctscreen nightly`` reports such a site
+    unreachable with the certificate named, at once (not after site_give_up_s), while a
+    site over good TLS is screened."""
+    from pipeline.cli import main
+
+    base = _site_file(tmp_path, tls_orthanc, pki).read_text()
+    (study,) = _write_studies(tmp_path / "files", 1, "tls-night")
+    tls_orthanc.upload(sorted((tmp_path / "files").rglob("*.dcm")))
+    cfg = tmp_path / "centre.yaml"
+    cfg.write_text(base.replace("batch: {disk_reserve_mb: 0}",
+                                "batch: {disk_reserve_mb: 0, site_retry_s: 5, "
+                                "site_give_up_s: 600}") + """
+sites:
+  good: {archives: [tls-pacs]}
+  bad: {archives: [server-from-another-ca]}
+""")
+    try:
+        t0 = time.monotonic()
+        capsys.readouterr()
+        rc = main(["nightly", "--config", str(cfg), "--worklist", str(tmp_path / "c.sqlite"),
+                   "--workers", "0", "--until", "2020-03-01T07:00", "--json"])
+        import json
+
+        report = json.loads(capsys.readouterr().out)
+        assert rc == 5, report
+        assert time.monotonic() - t0 < 120  # not the 600 s of site_give_up_s
+        assert "certificate verify failed" in report["unreachable"]["bad"]
+        assert report["sites"]["good"]["by_status"] == {"analysed": 1}
+    finally:
+        tls_orthanc.delete_study(study)

@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 
 from ..artefacts import QueryWindow
 from ..config import ArchiveConfig
-from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused
+from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused, TlsRefused
 from . import locator, retrieve_series
 from .http import archive_session
 
@@ -89,7 +89,8 @@ class DicomWebArchive:
         try:
             return fn(*args, **kwargs)
         except requests.exceptions.SSLError as e:
-            raise ArchiveUnavailable(f"{self.name}: TLS failure during {what}: {e}") from e
+            kind = TlsRefused if "CERTIFICATE_VERIFY_FAILED" in str(e) else ArchiveUnavailable
+            raise kind(f"{self.name}: TLS failure during {what}: {e}") from e
         except requests.exceptions.ConnectionError as e:
             raise ArchiveUnavailable(
                 f"{self.name}: connection refused or lost during {what} ({self.config.url})"

@@ -44,7 +44,7 @@ from pynetdicom.association import Association
 
 from ..artefacts import QueryWindow
 from ..config import ArchiveConfig
-from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused
+from ..errors import ArchiveError, ArchiveUnavailable, StoreRefused, TlsRefused
 from . import locator, retrieve_series
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,13 @@ IMAGE_KEYS_NULL = ("Rows", "Columns", "NumberOfFrames")  # US / IS: empty means 
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
 STORE_OK = {0x0000, 0xB000, 0xB006, 0xB007}
 PENDING = {0xFF00, 0xFF01}
+
+
+def _unavailable(message: str, why: str) -> ArchiveError:
+    """ArchiveUnavailable (try again later), or TlsRefused where certificates are at fault."""
+    if why.startswith("TLS: ") or "certificate verify failed" in why:
+        return TlsRefused(message)
+    return ArchiveUnavailable(message)
 
 
 def _client_certificate_refused(tsock: ssl.SSLSocket) -> str:
@@ -159,7 +166,8 @@ class DimseArchive:
                 tls_args=self._tls_args(),
             )
         except (OSError, ssl.SSLError) as e:
-            raise ArchiveUnavailable(f"{self.name}: {self._diagnose()} ({e})") from e
+            why = self._diagnose()
+            raise _unavailable(f"{self.name}: {why} ({e})", why) from e
         finally:
             pn_log.removeHandler(capture)
         if not assoc.is_established:
@@ -168,7 +176,8 @@ class DimseArchive:
                     f"{self.name}: association rejected by {c.called_ae}@{c.host}:{c.port}: "
                     f"{capture.reason or 'no reason given'} (calling AE {self.calling_ae})"
                 )
-            raise ArchiveUnavailable(f"{self.name}: {self._diagnose()}")
+            why = self._diagnose()
+            raise _unavailable(f"{self.name}: {why}", why)
         try:
             yield assoc
         finally:
